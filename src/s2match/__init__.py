@@ -1,0 +1,1 @@
+"""s2match: cross-season keypoint matching and co-registration for Sentinel-2 scenes."""
