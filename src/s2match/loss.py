@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from s2match.groundtruth import UNMATCHABLE
+
 
 def assignment_targets(gt_matches0: torch.Tensor, gt_matches1: torch.Tensor) -> torch.Tensor:
     """(B, N+1, M+1) 0/1 weights of the log-assignment entries that the ground truth selects.
@@ -14,10 +16,10 @@ def assignment_targets(gt_matches0: torch.Tensor, gt_matches1: torch.Tensor) -> 
     b, n = gt_matches0.shape
     m = gt_matches1.shape[1]
     targets = gt_matches0.new_zeros((b, n + 1, m + 1), dtype=torch.float32)
-    rows, cols = torch.nonzero(gt_matches0 >= 0, as_tuple=True)
-    targets[rows, cols, gt_matches0[rows, cols]] = 1.0
-    targets[:, :n, m] = (gt_matches0 == -1).float()
-    targets[:, n, :m] = (gt_matches1 == -1).float()
+    pair, kpt0 = torch.nonzero(gt_matches0 >= 0, as_tuple=True)
+    targets[pair, kpt0, gt_matches0[pair, kpt0]] = 1.0
+    targets[:, :n, m] = (gt_matches0 == UNMATCHABLE).float()
+    targets[:, n, :m] = (gt_matches1 == UNMATCHABLE).float()
     return targets
 
 
@@ -56,6 +58,6 @@ def deep_supervision_loss(
     stats = {
         "last": per_layer[-1].mean().detach(),
         "num_matchable": (gt_matches0 >= 0).sum(-1).float().mean(),
-        "num_unmatchable": ((gt_matches0 == -1).sum(-1) + (gt_matches1 == -1).sum(-1)).float().mean() / 2,
+        "num_unmatchable": ((gt_matches0 == UNMATCHABLE).sum(-1) + (gt_matches1 == UNMATCHABLE).sum(-1)).float().mean() / 2,
     }
     return loss, stats

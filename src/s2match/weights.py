@@ -107,13 +107,13 @@ def resolve_weights(name: str, explicit_path: str | None = None) -> pathlib.Path
 
     An ``explicit_path`` that does not exist is a configuration error and raises rather than falling back.
     """
+    if name not in WEIGHT_SOURCES:
+        raise ValueError(f"unknown weights {name!r}; known: {', '.join(sorted(WEIGHT_SOURCES))}")
     if explicit_path is not None:
         path = pathlib.Path(explicit_path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"weights file for {name!r} given in the config does not exist: {path}")
         return path
-    if name not in WEIGHT_SOURCES:
-        raise ValueError(f"unknown weights {name!r}; known: {', '.join(sorted(WEIGHT_SOURCES))}")
     source = WEIGHT_SOURCES[name]
     looked_in: list[str] = []
 
