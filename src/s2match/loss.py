@@ -55,9 +55,10 @@ def deep_supervision_loss(
     targets = assignment_targets(gt_matches0, gt_matches1)
     per_layer = torch.stack([assignment_nll(la, targets, nll_balancing) for la in log_assignments])  # (L, B)
     loss = per_layer.mean()
+    num_unmatchable = (gt_matches0 == UNMATCHABLE).sum(-1) + (gt_matches1 == UNMATCHABLE).sum(-1)
     stats = {
         "last": per_layer[-1].mean().detach(),
         "num_matchable": (gt_matches0 >= 0).sum(-1).float().mean(),
-        "num_unmatchable": ((gt_matches0 == UNMATCHABLE).sum(-1) + (gt_matches1 == UNMATCHABLE).sum(-1)).float().mean() / 2,
+        "num_unmatchable": num_unmatchable.float().mean() / 2,
     }
     return loss, stats

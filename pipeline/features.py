@@ -1,0 +1,17 @@
+"""DVC stage `features`: local features of the configured splits' pairs, extracted once (s2match.featurecache)."""
+
+import torch
+
+from s2match.cli import run
+from s2match.featurecache import cache_dir, run_stage
+
+
+def main(cfg) -> None:
+    torch.set_num_threads(int(cfg.train.threads))
+    index = run_stage(cfg)
+    per_split = ", ".join(f"{split} {count}" for split, count in index["split"].value_counts().sort_index().items())
+    print(f"{cache_dir(cfg.paths.features, cfg.features)}: {len(index)} pairs cached, {per_split}")
+
+
+if __name__ == "__main__":
+    run(main)

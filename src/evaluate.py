@@ -1,0 +1,15 @@
+"""DVC stage `evaluate`: SIFT, the pretrained LightGlues and the trained matcher on the test pairs (see
+s2match.evaluation); writes paths.evaluate and one MLflow run."""
+
+from s2match.cli import run
+from s2match.evaluation import FILES, run_stage
+
+
+def main(cfg) -> None:
+    evaluation = run_stage(cfg)
+    print((evaluation.out_dir / FILES["report"]).read_text())
+    print(f"{evaluation.out_dir}: written; MLflow run {evaluation.run_id}")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,114 @@
+"""Feature cache: entries written once per pair, re-used while their inputs and config stay the same."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import rasterio
+import torch
+from rasterio.windows import Window
+
+from s2match.datamodule import FeatureDataModule, collate_pairs
+from s2match.featurecache import build_cache, cache_dir, read_index, select_pairs
+from s2match.geometry import random_homography
+
+ALIKED_SMALL = {"name": "aliked", "max_keypoints": 128, "weights": None, "detection_threshold": 0.2, "nms_radius": 2}
+
+
+def write_tiny_pairs(sample_dir: Path, out: Path, splits: dict[str, int], size: int = 128) -> Path:
+    """pairs.csv of small winter / summer crops of the Ukrainian sample strips, with seeded homographies.
+
+    Real cross-season imagery, small enough for ALIKED to take a fraction of a second per image."""
+    rng = np.random.default_rng(0)
+    tiles = out / "tiles"
+    tiles.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for split, count in splits.items():
+        for i in range(count):
+            paths = {}
+            for season in ("winter", "summer"):
+                with rasterio.open(sample_dir / "ukraine" / "T36UUA" / f"{season}.tif") as src:
+                    crop = src.read(window=Window(64, 300 + 400 * len(rows), size, size)).mean(0, keepdims=True)
+                paths[season] = tiles / f"{split}{i}_{season}.tif"
+                with rasterio.open(paths[season], "w", driver="GTiff", width=size, height=size, count=1,
+                                   dtype="float32") as dst:
+                    dst.write(crop.astype(np.float32))
+            H = random_homography(rng, (size, size), 10.0, (0.9, 1.1), 0.05, 0.02, 0.5)
+            rows.append({"pair_id": f"{split}{i}", "split": split, "path0": str(paths["winter"]),
+                         "path1": str(paths["summer"]), "width": size, "height": size,
+                         "homography": json.dumps(H.ravel().tolist())})
+    pairs_dir = out / "pairs"
+    pairs_dir.mkdir(exist_ok=True)
+    pd.DataFrame(rows).to_csv(pairs_dir / "pairs.csv", index=False)
+    return pairs_dir
+
+
+@pytest.fixture(scope="module")
+def pairs(sample_dir, tmp_path_factory) -> pd.DataFrame:
+    pairs_dir = write_tiny_pairs(sample_dir, tmp_path_factory.mktemp("tiny"), {"train": 2, "val": 1})
+    return pd.read_csv(pairs_dir / "pairs.csv")
+
+
+def test_select_pairs_limits_each_split(pairs):
+    chosen = select_pairs(pairs, ["train", "val"], {"train": 1})
+    assert list(chosen.pair_id) == ["train0", "val0"]
+    with pytest.raises(ValueError, match="test"):
+        select_pairs(pairs, ["test"])
+
+
+def test_cache_writes_then_reuses_entries(pairs, tmp_path):
+    index = build_cache(pairs, ALIKED_SMALL, tmp_path)
+    folder = cache_dir(tmp_path, ALIKED_SMALL)
+    assert list(index.pair_id) == ["train0", "train1", "val0"]
+    assert read_index(folder, ["val"]).pair_id.tolist() == ["val0"]
+    entry = torch.load(folder / "train0.pt", weights_only=True)
+    assert entry["keypoints0"].shape[1] == 2 and 0 < len(entry["keypoints0"]) <= 128
+    assert entry["descriptors1"].shape == (len(entry["keypoints1"]), 128)
+    assert torch.equal(entry["image_size0"], torch.tensor([128.0, 128.0]))
+    assert entry["H"].dtype == torch.float64 and entry["H"].shape == (3, 3)
+    # scores come sorted, so cutting to the first k keeps the strongest keypoints
+    assert torch.all(entry["scores0"][:-1] >= entry["scores0"][1:])
+
+    mtimes = {path.name: path.stat().st_mtime_ns for path in folder.glob("*.pt")}
+    build_cache(pairs, ALIKED_SMALL, tmp_path)
+    assert {path.name: path.stat().st_mtime_ns for path in folder.glob("*.pt")} == mtimes, "re-run re-extracted"
+
+    # a changed config invalidates every entry
+    build_cache(pairs, {**ALIKED_SMALL, "max_keypoints": 64}, tmp_path)
+    assert all(folder.joinpath(name).stat().st_mtime_ns != mtime for name, mtime in mtimes.items())
+    assert len(torch.load(folder / "train0.pt", weights_only=True)["keypoints0"]) <= 64
+
+
+def test_augmentation_is_seeded(pairs, tmp_path):
+    augment = {"brightness": 0.3, "contrast": 0.3, "gamma": [0.7, 1.4]}
+    one = pairs.iloc[[0]]
+    build_cache(one, ALIKED_SMALL, tmp_path / "a", augment, seed=1)
+    build_cache(one, ALIKED_SMALL, tmp_path / "b", augment, seed=1)
+    build_cache(one, ALIKED_SMALL, tmp_path / "plain")
+    load = lambda root: torch.load(cache_dir(root, ALIKED_SMALL) / "train0.pt", weights_only=True)  # noqa: E731
+    assert torch.equal(load(tmp_path / "a")["descriptors0"], load(tmp_path / "b")["descriptors0"])
+    assert not torch.equal(load(tmp_path / "a")["descriptors0"], load(tmp_path / "plain")["descriptors0"])
+    with pytest.raises(ValueError, match="hue"):
+        build_cache(one, ALIKED_SMALL, tmp_path / "c", {"hue": 0.1})
+
+
+def test_datamodule_batches_cached_pairs(pairs, tmp_path):
+    build_cache(pairs, ALIKED_SMALL, tmp_path)
+    data = FeatureDataModule(cache_dir(tmp_path, ALIKED_SMALL), max_keypoints=32, seed=3)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert batch["keypoints0"].shape == (1, 32, 2) and batch["descriptors1"].shape == (1, 32, 128)
+    assert batch["image_size0"].shape == (1, 2) and batch["H"].shape == (1, 3, 3)
+    assert [b["pair_id"] for b in data.val_dataloader()] == [["val0"]]
+    first = [b["pair_id"][0] for b in data.train_dataloader()]
+    data_again = FeatureDataModule(cache_dir(tmp_path, ALIKED_SMALL), max_keypoints=32, seed=3)
+    data_again.setup("fit")
+    assert [b["pair_id"][0] for b in data_again.train_dataloader()] == first
+    # unequal keypoint counts in one batch are cut to the smallest
+    items = [data.train_set[0], {**data.train_set[1], "keypoints0": data.train_set[1]["keypoints0"][:5],
+                                 "descriptors0": data.train_set[1]["descriptors0"][:5]}]
+    assert collate_pairs(items)["descriptors0"].shape == (2, 5, 128)
