@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,12 @@ def pairs(sample_dir, tmp_path_factory) -> pd.DataFrame:
     return pd.read_csv(pairs_dir / "pairs.csv")
 
 
+@pytest.fixture(scope="module")
+def cached(pairs, tmp_path_factory) -> tuple[pd.DataFrame, Path]:
+    root = tmp_path_factory.mktemp("cache")
+    return build_cache(pairs, ALIKED_SMALL, root), cache_dir(root, ALIKED_SMALL)
+
+
 def test_select_pairs_limits_each_split(pairs):
     chosen = select_pairs(pairs, ["train", "val"], {"train": 1})
     assert list(chosen.pair_id) == ["train0", "val0"]
@@ -60,9 +67,8 @@ def test_select_pairs_limits_each_split(pairs):
         select_pairs(pairs, ["test"])
 
 
-def test_cache_writes_then_reuses_entries(pairs, tmp_path):
-    index = build_cache(pairs, ALIKED_SMALL, tmp_path)
-    folder = cache_dir(tmp_path, ALIKED_SMALL)
+def test_cache_writes_then_reuses_entries(pairs, cached):
+    index, folder = cached
     assert list(index.pair_id) == ["train0", "train1", "val0"]
     assert read_index(folder, ["val"]).pair_id.tolist() == ["val0"]
     entry = torch.load(folder / "train0.pt", weights_only=True)
@@ -74,41 +80,44 @@ def test_cache_writes_then_reuses_entries(pairs, tmp_path):
     assert torch.all(entry["scores0"][:-1] >= entry["scores0"][1:])
 
     mtimes = {path.name: path.stat().st_mtime_ns for path in folder.glob("*.pt")}
-    build_cache(pairs, ALIKED_SMALL, tmp_path)
+    build_cache(pairs, ALIKED_SMALL, folder.parent)
     assert {path.name: path.stat().st_mtime_ns for path in folder.glob("*.pt")} == mtimes, "re-run re-extracted"
 
-    # a changed config invalidates every entry
-    build_cache(pairs, {**ALIKED_SMALL, "max_keypoints": 64}, tmp_path)
-    assert all(folder.joinpath(name).stat().st_mtime_ns != mtime for name, mtime in mtimes.items())
-    assert len(torch.load(folder / "train0.pt", weights_only=True)["keypoints0"]) <= 64
+
+def test_changed_config_invalidates_entries(pairs, cached, tmp_path):
+    _, folder = cached
+    shutil.copytree(folder, tmp_path / "aliked")
+    smaller = {**ALIKED_SMALL, "max_keypoints": 16}
+    build_cache(pairs.iloc[[0]], smaller, tmp_path)
+    assert len(torch.load(tmp_path / "aliked" / "train0.pt", weights_only=True)["keypoints0"]) <= 16
+    assert read_index(tmp_path / "aliked").pair_id.tolist() == ["train0"]
 
 
-def test_augmentation_is_seeded(pairs, tmp_path):
+def test_augmentation_is_seeded(pairs, cached, tmp_path):
     augment = {"brightness": 0.3, "contrast": 0.3, "gamma": [0.7, 1.4]}
     one = pairs.iloc[[0]]
     build_cache(one, ALIKED_SMALL, tmp_path / "a", augment, seed=1)
     build_cache(one, ALIKED_SMALL, tmp_path / "b", augment, seed=1)
-    build_cache(one, ALIKED_SMALL, tmp_path / "plain")
-    load = lambda root: torch.load(cache_dir(root, ALIKED_SMALL) / "train0.pt", weights_only=True)  # noqa: E731
-    assert torch.equal(load(tmp_path / "a")["descriptors0"], load(tmp_path / "b")["descriptors0"])
-    assert not torch.equal(load(tmp_path / "a")["descriptors0"], load(tmp_path / "plain")["descriptors0"])
+    load = lambda folder: torch.load(folder / "train0.pt", weights_only=True)["descriptors0"]  # noqa: E731
+    assert torch.equal(load(tmp_path / "a" / "aliked"), load(tmp_path / "b" / "aliked"))
+    assert not torch.equal(load(tmp_path / "a" / "aliked"), load(cached[1]))
     with pytest.raises(ValueError, match="hue"):
         build_cache(one, ALIKED_SMALL, tmp_path / "c", {"hue": 0.1})
 
 
-def test_datamodule_batches_cached_pairs(pairs, tmp_path):
-    build_cache(pairs, ALIKED_SMALL, tmp_path)
-    data = FeatureDataModule(cache_dir(tmp_path, ALIKED_SMALL), max_keypoints=32, seed=3)
+def test_datamodule_batches_cached_pairs(cached):
+    folder = cached[1]
+    data = FeatureDataModule(folder, max_keypoints=32, seed=3)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
     assert batch["keypoints0"].shape == (1, 32, 2) and batch["descriptors1"].shape == (1, 32, 128)
     assert batch["image_size0"].shape == (1, 2) and batch["H"].shape == (1, 3, 3)
     assert [b["pair_id"] for b in data.val_dataloader()] == [["val0"]]
-    first = [b["pair_id"][0] for b in data.train_dataloader()]
-    data_again = FeatureDataModule(cache_dir(tmp_path, ALIKED_SMALL), max_keypoints=32, seed=3)
-    data_again.setup("fit")
-    assert [b["pair_id"][0] for b in data_again.train_dataloader()] == first
+    # the shuffled order is a function of the seed
+    again = FeatureDataModule(folder, max_keypoints=32, seed=3)
+    again.setup("fit")
+    assert [b["pair_id"] for b in again.train_dataloader()] == [b["pair_id"] for b in data.train_dataloader()]
     # unequal keypoint counts in one batch are cut to the smallest
-    items = [data.train_set[0], {**data.train_set[1], "keypoints0": data.train_set[1]["keypoints0"][:5],
-                                 "descriptors0": data.train_set[1]["descriptors0"][:5]}]
-    assert collate_pairs(items)["descriptors0"].shape == (2, 5, 128)
+    short = {**data.train_set[1], "keypoints0": data.train_set[1]["keypoints0"][:5],
+             "descriptors0": data.train_set[1]["descriptors0"][:5]}
+    assert collate_pairs([data.train_set[0], short])["descriptors0"].shape == (2, 5, 128)

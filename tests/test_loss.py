@@ -1,33 +1,22 @@
-from pathlib import Path
 
-import numpy as np
 import pytest
-import rasterio
 import torch
 
-from s2match.features import build_features
-from s2match.geometry import warp_image
 from s2match.groundtruth import match_labels
 from s2match.head import LightGlueHead
 from s2match.loss import assignment_nll, assignment_targets, deep_supervision_loss
 from s2match.matcher import build_lightglue
+from s2match.model import lightglue_inputs
 
-SUMMER = Path(__file__).resolve().parents[1] / "data/sample/ukraine/T35UNQ/summer.tif"
-H_TRUE = np.array([[0.95, -0.08, 14.0], [0.07, 0.97, -6.0], [2e-5, -1e-5, 1.0]])
 
 
 @pytest.fixture(scope="module")
-def real_pair():
-    """ALIKED features (256 keypoints) of a 256 px crop of a summer strip and of its copy warped by H_TRUE."""
-    with rasterio.open(SUMMER) as src:
-        crop = src.read(window=rasterio.windows.Window(0, 2000, 256, 256)).transpose(1, 2, 0)
-    warped = warp_image(crop, H_TRUE, (256, 256))
-    extractor = build_features({"name": "aliked", "max_keypoints": 256})
-    feats = [extractor(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255) for img in (crop, warped)]
-    size = torch.tensor([[256.0, 256.0]])
-    data = {f"image{i}": {**{k: v[None] for k, v in f.items()}, "image_size": size} for i, f in enumerate(feats)}
-    gt0, gt1 = match_labels(feats[0]["keypoints"], feats[1]["keypoints"], torch.from_numpy(H_TRUE), size[0], size[0])
-    return data, gt0[None], gt1[None]
+def real_pair(warped_pair):
+    """LightGlue input and ground-truth labels of the shared warped real pair."""
+    batch = {k: v[None] if isinstance(v, torch.Tensor) else v for k, v in warped_pair.items()}
+    size = warped_pair["image_size0"]
+    gt0, gt1 = match_labels(warped_pair["keypoints0"], warped_pair["keypoints1"], warped_pair["H"].double(), size, size)
+    return lightglue_inputs(batch), gt0[None], gt1[None]
 
 
 def test_targets_select_matches_and_dustbins():

@@ -1,38 +1,22 @@
 from pathlib import Path
 
 import lightning as pl
-import numpy as np
 import pytest
-import rasterio
 import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from s2match.features import build_features
-from s2match.geometry import warp_image
 from s2match.head import LightGlueHead
 from s2match.matcher import build_lightglue
 from s2match.model import MatcherModule, lightglue_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
-SUMMER = ROOT / "data/sample/ukraine/T35UNQ/summer.tif"
-H_TRUE = np.array([[0.95, -0.08, 14.0], [0.07, 0.97, -6.0], [2e-5, -1e-5, 1.0]])
 SMALL = {"feature": "aliked", "pretrained": False, "matcher": {"n_layers": 2}, "lr": 1e-3}
 
 
 @pytest.fixture(scope="module")
-def pair():
-    """One unbatched feature-cache item: ALIKED (256 keypoints) of a 256 px summer crop and its copy warped by H."""
-    with rasterio.open(SUMMER) as src:
-        crop = src.read(window=rasterio.windows.Window(0, 2000, 256, 256)).transpose(1, 2, 0)
-    extractor = build_features({"name": "aliked", "max_keypoints": 256})
-    item = {"H": torch.from_numpy(H_TRUE).float(), "pair_id": "T35UNQ_summer_warped"}
-    for side, image in (("0", crop), ("1", warp_image(crop, H_TRUE, (256, 256)))):
-        feats = extractor(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255)
-        item[f"keypoints{side}"] = feats["keypoints"]
-        item[f"descriptors{side}"] = feats["descriptors"]
-        item[f"image_size{side}"] = torch.tensor([256.0, 256.0])
-    return item
+def pair(warped_pair):
+    return warped_pair
 
 
 def _loader(pair, max_keypoints=None):

@@ -166,6 +166,14 @@ def image_size(image: np.ndarray) -> tuple[int, int]:
     return int(image.shape[2]), int(image.shape[1])
 
 
+def evaluate_config(cfg: DictConfig) -> DictConfig:
+    """The `evaluate` group of a composed config, or a one-line error saying how to get it."""
+    if "evaluate" not in cfg:
+        raise ValueError("no `evaluate` config: add `- evaluate: default` to the defaults of conf/config.yaml "
+                         "or pass +evaluate=default")
+    return cfg.evaluate
+
+
 def set_threads(threads: int) -> None:
     """Torch and OpenCV on `threads` CPU threads, so that timings compare across runs and machines."""
     torch.set_num_threads(int(threads))
@@ -389,10 +397,7 @@ class Evaluation:
 def run_stage(cfg: DictConfig) -> Evaluation:
     """The `evaluate` stage: every available method of `cfg.evaluate.methods` on the `cfg.evaluate.split` pairs
     of `cfg.paths.pairs`/pairs.csv; writes cfg.paths.evaluate (atomically, as a whole) and logs it to MLflow."""
-    if "evaluate" not in cfg:
-        raise ValueError("no `evaluate` config: add `- evaluate: default` to the defaults of conf/config.yaml "
-                         "or pass +evaluate=default")
-    ecfg = cfg.evaluate
+    ecfg = evaluate_config(cfg)
     set_threads(ecfg.threads)
     specs = method_specs(ecfg)
     skipped = {spec.name: spec.unavailable() for spec in specs if spec.unavailable()}

@@ -1,0 +1,108 @@
+"""Benchmark: inference on a pair of 10980 x 10980 uint16 bands (a full Sentinel-2 10 m tile) built from real data.
+
+The two L1C JP2 crops of T33UUU (ten days apart) are cut to the ground they share and mirror-tiled to 10980 x 10980
+GeoTIFFs on the same grid; image1's content is then warped by a known homography, so the answer is known. The
+inference runs as a child process (`python src/infer.py`), which gives its wall time and its own peak RSS.
+
+    python benchmarks/infer_large.py [--workdir /tmp/s2match_bench] [--overviews] [override ...]
+
+Extra arguments are Hydra overrides for the run, e.g. `infer.max_tiles=9`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import rasterio
+from rasterio.enums import Resampling
+from rasterio.transform import from_origin
+from rasterio.windows import from_bounds
+
+ROOT = Path(__file__).resolve().parents[1]
+CROPS = ROOT / "data" / "sample" / "jp2" / "T33UUU"
+SIDE = 10980
+# Image0 px -> image1 px: 0.2 degrees of rotation, 0.1 % scale and a shift, about the tile centre.
+ANGLE_DEG, SCALE, SHIFT = 0.2, 1.001, (14.3, -9.7)
+
+
+def true_homography() -> np.ndarray:
+    centre = (SIDE - 1) / 2
+    rotation = cv2.getRotationMatrix2D((centre, centre), ANGLE_DEG, SCALE)
+    rotation[:, 2] += SHIFT
+    return np.vstack([rotation, [0, 0, 1]])
+
+
+def shared_ground() -> tuple[np.ndarray, np.ndarray, rasterio.Affine, rasterio.crs.CRS]:
+    """The two dates over the ground both crops cover, on one 10 m grid."""
+    with rasterio.open(CROPS / "20160529.jp2") as a, rasterio.open(CROPS / "20160608.jp2") as b:
+        left, top = max(a.bounds.left, b.bounds.left), min(a.bounds.top, b.bounds.top)
+        right, bottom = min(a.bounds.right, b.bounds.right), max(a.bounds.bottom, b.bounds.bottom)
+        first = a.read(1, window=from_bounds(left, bottom, right, top, a.transform).round_offsets().round_lengths())
+        second = b.read(1, window=from_bounds(left, bottom, right, top, b.transform).round_offsets().round_lengths())
+        rows, cols = min(first.shape[0], second.shape[0]), min(first.shape[1], second.shape[1])
+        return first[:rows, :cols], second[:rows, :cols], from_origin(left, top, 10.0, 10.0), a.crs
+
+
+def write_band(path: Path, data: np.ndarray, transform, crs, overviews: bool) -> None:
+    profile = dict(driver="GTiff", dtype="uint16", count=1, width=SIDE, height=SIDE, crs=crs, transform=transform,
+                   tiled=True, blockxsize=512, blockysize=512, compress="deflate", nodata=0)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data, 1)
+        if overviews:  # as Sentinel-2 JP2 / COG products carry them
+            dst.build_overviews([2, 4, 8, 16], Resampling.average)
+
+
+def build_inputs(workdir: Path, overviews: bool) -> tuple[Path, Path]:
+    suffix = "_ovr" if overviews else ""
+    paths = workdir / f"tile0{suffix}.tif", workdir / f"tile1{suffix}.tif"
+    if all(p.is_file() for p in paths):
+        return paths
+    workdir.mkdir(parents=True, exist_ok=True)
+    first, second, transform, crs = shared_ground()
+    tile = lambda band: np.pad(band, ((0, SIDE - band.shape[0]), (0, SIDE - band.shape[1])), mode="symmetric")
+    # The mirror-tiled mosaic repeats the ground; the tile's own grid is kept (it is where the first copy lies).
+    write_band(paths[0], tile(first), transform, crs, overviews)
+    warped = cv2.warpPerspective(tile(second), true_homography(), (SIDE, SIDE), flags=cv2.INTER_LINEAR)
+    write_band(paths[1], warped, transform, crs, overviews)
+    return paths
+
+
+def mean_corner_error(H: np.ndarray, H_true: np.ndarray) -> float:
+    corners = np.array([[0, 0, 1], [SIDE - 1, 0, 1], [SIDE - 1, SIDE - 1, 1], [0, SIDE - 1, 1]], float)
+    a, b = corners @ H.T, corners @ H_true.T
+    return float(np.linalg.norm(a[:, :2] / a[:, 2:] - b[:, :2] / b[:, 2:], axis=1).mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/s2match_bench"))
+    parser.add_argument("--overviews", action="store_true", help="give the GeoTIFFs internal overviews")
+    args, overrides = parser.parse_known_args()
+    image0, image1 = build_inputs(args.workdir, args.overviews)
+    out = args.workdir / "run"
+    command = [sys.executable, str(ROOT / "src" / "infer.py"), "+infer=default", f"+pair.image0={image0}",
+               f"+pair.image1={image1}", "+pair.name=bench", f"infer.output_dir={out}", *overrides]
+    start = time.perf_counter()
+    status = subprocess.run(command, cwd=ROOT).returncode
+    wall = time.perf_counter() - start
+    peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB on Linux
+    result = json.loads((out / "result.json").read_text())
+    report = {"input": f"2 x {SIDE}x{SIDE} uint16 GeoTIFF" + (" with overviews" if args.overviews else ""),
+              "exit_status": status, "wall_s": round(wall, 1), "peak_rss_gib": round(peak_gib, 2),
+              "success": result["success"], "inliers": result["inliers"], "matches": result["matches"],
+              "tiles_used": result.get("tiles", {}).get("used"), "timings": result["timings"]}
+    if result["success"]:
+        report["mean_corner_error_px"] = round(mean_corner_error(np.array(result["homography"]), true_homography()), 3)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""The evaluation stage on real test pairs of the sample: failures, skipped methods, outputs, the MLflow run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from omegaconf import open_dict
+
+from s2match.config import compose_config
+from s2match.evaluation import (
+    FILES,
+    Method,
+    MethodSpec,
+    evaluate,
+    method_specs,
+    run_stage,
+    select_pairs,
+    summary_table,
+)
+from s2match.matcher import build_lightglue
+from s2match.metrics import auc
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def evaluate_overrides(cfg, tmp_path, option: str = "smoke") -> list[str]:
+    """Hydra overrides for an evaluation on the fixture's pairs writing only under tmp_path."""
+    group = f"evaluate={option}" if "evaluate" in cfg else f"+evaluate={option}"
+    return [group, f"paths.train={tmp_path / 'train'}", f"paths.evaluate={tmp_path / 'evaluate'}",
+            f"evaluate.mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            f"evaluate.mlflow.artifact_location={tmp_path / 'mlruns'}"]
+
+
+@pytest.fixture
+def smoke_cfg(cfg, stages, tmp_path):
+    return compose_config([*evaluate_overrides(cfg, tmp_path), f"paths.pairs={stages['dir'] / 'pairs'}"])
+
+
+def test_method_without_matches_counts_as_failure(smoke_cfg, stages):
+    test_pairs = select_pairs(stages["pairs"][stages["pairs"]["split"] == "test"], 1)
+    # a ratio no real pair of descriptors passes: the method returns no matches at all
+    silent = Method(MethodSpec("silent", {"name": "sift", "max_keypoints": 128}, {"name": "ratio", "ratio": 1e-9}))
+    records, outputs = evaluate([silent], test_pairs, {"method": "usac_magsac", "threshold": 3.0}, 3.0)
+
+    record = records.iloc[0]
+    assert record["n_matches"] == 0 and record["n_keypoints0"] > 0
+    assert record["failed"] and record["reason"]
+    assert math.isinf(record["corner_error"])
+    assert record["precision"] == 0.0 and record["n_inliers"] == 0
+    assert not outputs[("silent", record["pair_id"])].fit.success
+    overall = summary_table(records, ["silent"]).loc[("silent", "all")]
+    assert overall["failure_rate"] == 1.0
+    assert overall["auc@10"] == 0.0
+
+
+def test_method_specs_complete_features_and_reject_bad_entries(smoke_cfg):
+    specs = {spec.name: spec for spec in method_specs(smoke_cfg.evaluate)}
+    # defaults of conf/features/sift.yaml, with the smoke config's max_keypoints
+    assert specs["sift"].features["max_keypoints"] == 256
+    assert specs["sift"].features["rootsift"] is True
+    assert "not found" in specs["trained"].unavailable()
+
+    with open_dict(smoke_cfg):
+        smoke_cfg.evaluate.methods[0].matcher.weights = "x.pt"
+        with pytest.raises(ValueError, match="method's `weights`"):
+            method_specs(smoke_cfg.evaluate)
+        smoke_cfg.evaluate.methods[0].matcher.pop("weights")
+    smoke_cfg.evaluate.methods[1].name = "sift"
+    with pytest.raises(ValueError, match="duplicated method names"):
+        method_specs(smoke_cfg.evaluate)
+
+
+def test_missing_trained_weights_are_reported_as_skipped(smoke_cfg, caplog):
+    smoke_cfg.evaluate.max_pairs = 1
+    smoke_cfg.evaluate.methods = [m for m in smoke_cfg.evaluate.methods if m.name in ("sift", "trained")]
+    with caplog.at_level(logging.WARNING, logger="s2match.evaluation"):
+        evaluation = run_stage(smoke_cfg)
+
+    assert evaluation.skipped.keys() == {"trained"}
+    assert any("trained skipped" in message and "matcher.pt" in message for message in caplog.messages)
+    metrics = json.loads((evaluation.out_dir / FILES["metrics"]).read_text())
+    assert list(metrics) == ["sift"]
+    report = (evaluation.out_dir / FILES["report"]).read_text()
+    assert "## Skipped methods" in report and "- trained: weights file" in report
+    # the best AUC@3 method is pictured instead
+    assert "pair of sift" in report
+
+
+def test_smoke_evaluation_end_to_end(smoke_cfg, tmp_path):
+    weights = tmp_path / "train" / "matcher.pt"
+    weights.parent.mkdir()
+    torch.save(build_lightglue("aliked").state_dict(), weights)
+
+    evaluation = run_stage(smoke_cfg)
+
+    out = evaluation.out_dir
+    assert evaluation.skipped == {}
+    for name in FILES.values():
+        assert (out / name).is_file(), name
+    for name in ("cdf_png", "bars_png", "best_png", "worst_png"):
+        assert (out / FILES[name]).read_bytes()[:8] == PNG_MAGIC
+
+    methods = ["sift", "xfeat_lighterglue", "trained"]
+    metrics = json.loads((out / FILES["metrics"]).read_text())
+    assert list(metrics) == methods
+    errors = pd.read_csv(out / FILES["errors"])
+    assert len(errors) == 2 * len(methods)
+    for method in methods:
+        kinds = metrics[method]
+        assert kinds["all"]["n_pairs"] == 2
+        assert sum(values["n_pairs"] for kind, values in kinds.items() if kind != "all") == 2
+        for values in kinds.values():
+            for t in (1, 3, 5, 10):
+                assert 0.0 <= values[f"auc@{t}"] <= 100.0
+        # metrics.json agrees with the per-pair errors it summarises
+        own = errors[errors["method"] == method]
+        assert kinds["all"]["auc@3"] == pytest.approx(auc(own["corner_error"])["auc@3"], abs=1e-3)
+        assert kinds["all"]["mean_matches"] == pytest.approx(own["n_matches"].mean(), abs=1e-3)
+        assert (own["seconds"] >= own["extract_s"]).all()
+
+    cdf = pd.read_csv(out / FILES["cdf"])
+    assert list(cdf.columns) == ["threshold_px", *methods]
+    for method in methods:
+        assert np.all(np.diff(cdf[method]) >= 0)
+        within = np.mean(errors.loc[errors["method"] == method, "corner_error"] <= cdf["threshold_px"].iloc[-1])
+        assert cdf[method].iloc[-1] == pytest.approx(100 * within)
+
+    report = (out / FILES["report"]).read_text()
+    assert "## All pairs" in report and "## Skipped methods" not in report
+    assert all(f"| {method} | 2 |" in report for method in methods)
+    assert "pair of trained" in report
+
+    client = MlflowClient(smoke_cfg.evaluate.mlflow.tracking_uri)
+    run = client.get_run(evaluation.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["trained/all/auc3"] == pytest.approx(metrics["trained"]["all"]["auc@3"])
+    assert run.data.params["method.trained.weights"] == str(weights)
+    assert {artifact.path for artifact in client.list_artifacts(evaluation.run_id)} >= set(FILES.values())
