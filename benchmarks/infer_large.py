@@ -1,7 +1,8 @@
 """Benchmark: inference on a pair of 10980 x 10980 uint16 bands (a full Sentinel-2 10 m tile) built from real data.
 
-The two L1C JP2 crops of T33UUU (ten days apart) are cut to the ground they share and mirror-tiled to 10980 x 10980
-GeoTIFFs on the same grid; image1's content is then warped by a known homography, so the answer is known. The
+The L1C JP2 crops of T33UUU are cut to the ground they share and mirror-tiled to 10980 x 10980 GeoTIFFs on one
+grid; image1's content is then warped by a known homography, so the answer is known (with --cross-date image0
+comes from the other, partly cloudy date). The
 inference runs as a child process (`python src/infer.py`), which gives its wall time and its own peak RSS.
 
     python benchmarks/infer_large.py [--workdir /tmp/s2match_bench] [--overviews] [override ...]
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -40,15 +42,18 @@ def true_homography() -> np.ndarray:
     return np.vstack([rotation, [0, 0, 1]])
 
 
-def shared_ground() -> tuple[np.ndarray, np.ndarray, rasterio.Affine, rasterio.crs.CRS]:
-    """The two dates over the ground both crops cover, on one 10 m grid."""
+def shared_ground(cross_date: bool) -> tuple[np.ndarray, np.ndarray, rasterio.Affine, rasterio.crs.CRS]:
+    """The ground both crops cover on one 10 m grid: (image0 source, image1 source). By default both are the clear
+    date, so the warp is the exact answer; cross_date puts the cloudy 20160529 in image0, and the answer then also
+    holds the real misregistration of the two products (AROSICS' test pair), unknown here."""
     with rasterio.open(CROPS / "20160529.jp2") as a, rasterio.open(CROPS / "20160608.jp2") as b:
         left, top = max(a.bounds.left, b.bounds.left), min(a.bounds.top, b.bounds.top)
         right, bottom = min(a.bounds.right, b.bounds.right), max(a.bounds.bottom, b.bounds.bottom)
         first = a.read(1, window=from_bounds(left, bottom, right, top, a.transform).round_offsets().round_lengths())
         second = b.read(1, window=from_bounds(left, bottom, right, top, b.transform).round_offsets().round_lengths())
         rows, cols = min(first.shape[0], second.shape[0]), min(first.shape[1], second.shape[1])
-        return first[:rows, :cols], second[:rows, :cols], from_origin(left, top, 10.0, 10.0), a.crs
+        source0 = first if cross_date else second
+        return source0[:rows, :cols], second[:rows, :cols], from_origin(left, top, 10.0, 10.0), a.crs
 
 
 def write_band(path: Path, data: np.ndarray, transform, crs, overviews: bool) -> None:
@@ -60,13 +65,13 @@ def write_band(path: Path, data: np.ndarray, transform, crs, overviews: bool) ->
             dst.build_overviews([2, 4, 8, 16], Resampling.average)
 
 
-def build_inputs(workdir: Path, overviews: bool) -> tuple[Path, Path]:
-    suffix = "_ovr" if overviews else ""
+def build_inputs(workdir: Path, overviews: bool, cross_date: bool) -> tuple[Path, Path]:
+    suffix = ("_ovr" if overviews else "") + ("_xdate" if cross_date else "")
     paths = workdir / f"tile0{suffix}.tif", workdir / f"tile1{suffix}.tif"
     if all(p.is_file() for p in paths):
         return paths
     workdir.mkdir(parents=True, exist_ok=True)
-    first, second, transform, crs = shared_ground()
+    first, second, transform, crs = shared_ground(cross_date)
     tile = lambda band: np.pad(band, ((0, SIDE - band.shape[0]), (0, SIDE - band.shape[1])), mode="symmetric")
     # The mirror-tiled mosaic repeats the ground; the tile's own grid is kept (it is where the first copy lies).
     write_band(paths[0], tile(first), transform, crs, overviews)
@@ -85,18 +90,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/s2match_bench"))
     parser.add_argument("--overviews", action="store_true", help="give the GeoTIFFs internal overviews")
+    parser.add_argument("--cross-date", action="store_true", help="image0 from the other (cloudy) date")
     args, overrides = parser.parse_known_args()
-    image0, image1 = build_inputs(args.workdir, args.overviews)
+    image0, image1 = build_inputs(args.workdir, args.overviews, args.cross_date)
     out = args.workdir / "run"
     command = [sys.executable, str(ROOT / "src" / "infer.py"), "+infer=default", f"+pair.image0={image0}",
                f"+pair.image1={image1}", "+pair.name=bench", f"infer.output_dir={out}", *overrides]
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
     status = subprocess.run(command, cwd=ROOT).returncode
     wall = time.perf_counter() - start
-    peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB on Linux
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak_gib = usage.ru_maxrss / 2**20  # KiB on Linux
     result = json.loads((out / "result.json").read_text())
-    report = {"input": f"2 x {SIDE}x{SIDE} uint16 GeoTIFF" + (" with overviews" if args.overviews else ""),
+    report = {"input": f"2 x {SIDE}x{SIDE} uint16 GeoTIFF" + (" with overviews" if args.overviews else "")
+              + (", two dates" if args.cross_date else ", one date"),
               "exit_status": status, "wall_s": round(wall, 1), "peak_rss_gib": round(peak_gib, 2),
+              # CPU seconds and the machine's load: wall time on a shared machine depends on what else runs
+              "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "cores": os.cpu_count(),
+              "load_avg_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)],
               "success": result["success"], "inliers": result["inliers"], "matches": result["matches"],
               "tiles_used": result.get("tiles", {}).get("used"), "timings": result["timings"]}
     if result["success"]:

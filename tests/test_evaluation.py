@@ -30,17 +30,21 @@ from s2match.metrics import auc
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def evaluate_overrides(cfg, tmp_path, option: str = "smoke") -> list[str]:
-    """Hydra overrides for an evaluation on the fixture's pairs writing only under tmp_path."""
-    group = f"evaluate={option}" if "evaluate" in cfg else f"+evaluate={option}"
-    return [group, f"paths.train={tmp_path / 'train'}", f"paths.evaluate={tmp_path / 'evaluate'}",
-            f"evaluate.mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-            f"evaluate.mlflow.artifact_location={tmp_path / 'mlruns'}"]
+@pytest.fixture(scope="module")
+def mlflow_dir(tmp_path_factory):
+    """One tracking store for the module: creating an MLflow database takes seconds."""
+    return tmp_path_factory.mktemp("mlflow")
 
 
 @pytest.fixture
-def smoke_cfg(cfg, stages, tmp_path):
-    return compose_config([*evaluate_overrides(cfg, tmp_path), f"paths.pairs={stages['dir'] / 'pairs'}"])
+def smoke_cfg(cfg, stages, mlflow_dir, tmp_path):
+    """The smoke evaluation on the fixture's test pairs, writing only under temporary folders."""
+    group = "evaluate=smoke" if "evaluate" in cfg else "+evaluate=smoke"
+    return compose_config([
+        group, f"paths.pairs={stages['dir'] / 'pairs'}", f"paths.train={tmp_path / 'train'}",
+        f"paths.evaluate={tmp_path / 'evaluate'}", f"evaluate.mlflow.tracking_uri=sqlite:///{mlflow_dir / 'mlflow.db'}",
+        f"evaluate.mlflow.artifact_location={mlflow_dir / 'artifacts'}",
+    ])
 
 
 def test_method_without_matches_counts_as_failure(smoke_cfg, stages):

@@ -17,7 +17,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from s2match.config import PROJECT_ROOT, compose_config, render_params
+from s2match.featurecache import build_cache, select_pairs
 from s2match.matcher import build_lightglue
+from s2match.pairs import read_pairs
 from s2match.tracking import DEFAULT_TRACKING_URI, resolve_tracking_uri
 from test_featurecache import write_tiny_pairs
 
@@ -56,15 +58,18 @@ def killed_run(sample_dir, tmp_path_factory) -> dict:
     env = environment(work / "mlflow.db")
     paths = [f"paths.pairs={pairs_dir}", f"paths.features={work / 'features'}", f"paths.train={work / 'train'}",
              f"train.mlflow.artifact_location={work / 'mlruns'}"]
-    command([sys.executable, str(PROJECT_ROOT / "pipeline/features.py"), "train=smoke", *paths], work, env)
+    cfg = compose_config(["train=smoke", *paths])
+    build_cache(select_pairs(read_pairs(pairs_dir / "pairs.csv"), ["train", "val"]), cfg.features, cfg.paths.features)
     train = [sys.executable, str(PROJECT_ROOT / "src/train.py"), "train=smoke", *paths]
     last = work / "train" / "checkpoints" / "last.ckpt"
-    process = subprocess.Popen([*train, "train.trainer.max_steps=200", "train.trainer.val_check_interval=200"],
-                               cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = work / "killed.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen([*train, "train.trainer.max_steps=200", "train.trainer.val_check_interval=200"],
+                                   cwd=work, env=env, stdout=sink, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
     step = 0
     while step < 2:
-        assert process.poll() is None, f"training ended before it was killed:\n{process.stderr.read()[-3000:]}"
+        assert process.poll() is None, f"training ended before it was killed:\n{log.read_text()[-3000:]}"
         assert time.monotonic() < deadline, "no checkpoint within 180 s"
         time.sleep(0.5)
         if last.is_file():  # Lightning writes checkpoints atomically (temporary file, then rename)
@@ -120,6 +125,7 @@ def test_run_is_tracked_and_registered_in_mlflow(resumed_run):
     build_lightglue("aliked", weights=str(train_dir / "matcher.pt"))  # strict load of the exported head
 
 
+@pytest.mark.slow
 def test_dvc_stages_train_deterministically(killed_run, sample_dir, tmp_path):
     """The features and train stages in a scratch git + DVC copy; its seed-0 losses equal the killed run's."""
     for name in PROJECT_FILES:
@@ -131,7 +137,7 @@ def test_dvc_stages_train_deterministically(killed_run, sample_dir, tmp_path):
             shutil.copy(source, tmp_path / name)
     write_tiny_pairs(sample_dir, tmp_path / "outputs", TINY_SPLITS)
     (tmp_path / "params.yaml").write_text(render_params(compose_config(["train=smoke"])))
-    env = environment(tmp_path / "mlflow.db")
+    env = killed_run["env"]  # the same MLflow store: no second database to create
     command(["git", "init", "-q"], tmp_path, env)
     command(["git", "add", "."], tmp_path, env)
     command(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], tmp_path, env)
@@ -142,7 +148,7 @@ def test_dvc_stages_train_deterministically(killed_run, sample_dir, tmp_path):
     assert "Running stage" not in command(["dvc", "repro", "--single-item", "features", "train"], tmp_path, env)
 
     run_id = json.loads((tmp_path / "outputs/train/metrics.json").read_text())["mlflow_run_id"]
-    fresh = losses(MlflowClient(env["MLFLOW_TRACKING_URI"]), run_id)
+    fresh = losses(killed_run["client"], run_id)
     killed = losses(killed_run["client"], killed_run["run_id"])
     # same seed, data and schedule start (no warmup): the first two losses agree exactly
     assert [fresh[0], fresh[1]] == [killed[0], killed[1]]

@@ -114,7 +114,7 @@ def run_bench(cfg: DictConfig, n_pairs: int | None = None, runs: int | None = No
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m s2match.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, help="number of test pairs (default: evaluate.bench.pairs)")
-    parser.add_argument("--runs", type=int, help="timed runs per pair, the median is kept (default: evaluate.bench.runs)")
+    parser.add_argument("--runs", type=int, help="timed runs per pair, median kept (default: evaluate.bench.runs)")
     parser.add_argument("--methods", help="comma-separated method names (default: every method of evaluate.methods)")
     parser.add_argument("--out", type=Path, help="also write the table to this file")
     return parser

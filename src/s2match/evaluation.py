@@ -331,9 +331,9 @@ def draw_pair(row: Mapping[str, Any], matched: Matched, record: Mapping[str, Any
     image0, image1, _ = load_pair(row)
     title = (f"{method}: {row['pair_id']} ({row[GROUP_KEY]}), corner error {record['corner_error']:.2f} px, "
              f"precision {100 * record['precision']:.0f}%")
-    # viz takes (H, W, C) images
-    return draw_matches(np.moveaxis(image0, 0, -1), np.moveaxis(image1, 0, -1), matched.pts0, matched.pts1, matched.scores, path,
-                        max_lines=max_lines, subset="random", inliers=matched.fit.inliers, title=title)
+    hwc0, hwc1 = np.moveaxis(image0, 0, -1), np.moveaxis(image1, 0, -1)  # viz takes (H, W, C) images
+    return draw_matches(hwc0, hwc1, matched.pts0, matched.pts1, matched.scores, path, max_lines=max_lines,
+                        subset="random", inliers=matched.fit.inliers, title=title)
 
 
 def flat_params(value: Any, prefix: str = "") -> dict[str, str]:
@@ -394,6 +394,50 @@ class Evaluation:
     run_id: str  # MLflow
 
 
+def draw_extremes(folder: Path, records: pd.DataFrame, outputs: Mapping[tuple[str, str], Matched],
+                  pairs: pd.DataFrame, method: str, max_lines: int) -> str:
+    """Match pictures of the best and the worst pair of `method` in `folder`; returns their report section."""
+    rows = pairs.set_index("pair_id", drop=False)
+    lines = []
+    for which, pair_id in extreme_pairs(records, method).items():
+        record = records[(records["method"] == method) & (records["pair_id"] == pair_id)].iloc[0]
+        draw_pair(rows.loc[pair_id].to_dict(), outputs[(method, pair_id)], record.to_dict(),
+                  folder / FILES[f"{which}_png"], method, max_lines)
+        lines += [f"{which.capitalize()} pair of {method}: {pair_id} ({record[GROUP_KEY]}, corner error "
+                  f"{record['corner_error']:.2f} px)", "", f"![{which} pair]({FILES[f'{which}_png']})", ""]
+    return "\n".join(lines)
+
+
+def write_outputs(out_dir: Path, ecfg: DictConfig, records: pd.DataFrame, outputs: Mapping[tuple[str, str], Matched],
+                  pairs: pd.DataFrame, skipped: Mapping[str, str], setup: str) -> pd.DataFrame:
+    """Every file of FILES in `out_dir`, written as a whole (atomically); returns the summary table."""
+    names = list(pd.unique(records["method"]))
+    table = summary_table(records, names)
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        (tmp / FILES["metrics"]).write_text(json.dumps(metrics_dict(table), indent=2) + "\n")
+        records.to_csv(tmp / FILES["errors"], index=False, float_format="%.6g")
+        error_cdf_table(records, names, ecfg.cdf_max_error).to_csv(tmp / FILES["cdf"], index=False)
+        draw_error_cdf({name: records.loc[records["method"] == name, "corner_error"].to_numpy() for name in names},
+                       tmp / FILES["cdf_png"], max_error=ecfg.cdf_max_error)
+        draw_bars(table, tmp / FILES["bars_png"], metric="auc@3", group_key=GROUP_KEY, by="method")
+        pictures = draw_extremes(tmp, records, outputs, pairs, pictured_method(table, ecfg.pictures.method),
+                                 ecfg.pictures.max_lines)
+        (tmp / FILES["report"]).write_text(report_markdown(table, skipped, setup, pictures))
+    return table
+
+
+def mlflow_params(ecfg: DictConfig, specs: Sequence[MethodSpec], pairs_file: Path, n_pairs: int) -> dict[str, str]:
+    """The evaluation settings and every configured method (skipped ones too), flat."""
+    settings = {key: value for key, value in OmegaConf.to_container(ecfg, resolve=True).items()
+                if key not in ("methods", "feature_defaults", "mlflow", "bench")}
+    params = flat_params(settings)
+    for spec in specs:
+        params.update(flat_params({"features": spec.features, "matcher": spec.matcher, "weights": spec.weights},
+                                  f"method.{spec.name}"))
+    return {**params, "pairs_file": str(pairs_file), "n_pairs": str(n_pairs)}
+
+
 def run_stage(cfg: DictConfig) -> Evaluation:
     """The `evaluate` stage: every available method of `cfg.evaluate.methods` on the `cfg.evaluate.split` pairs
     of `cfg.paths.pairs`/pairs.csv; writes cfg.paths.evaluate (atomically, as a whole) and logs it to MLflow."""
@@ -412,45 +456,16 @@ def run_stage(cfg: DictConfig) -> Evaluation:
         raise ValueError(f"{pairs_file}: no pairs in split {ecfg.split!r}")
     homography = OmegaConf.to_container(ecfg.homography, resolve=True)
     log.info("evaluating %s on %d %s pairs", ", ".join(spec.name for spec in available), len(pairs), ecfg.split)
-    methods = [Method(spec) for spec in available]
-    records, outputs = evaluate(methods, pairs, homography, ecfg.precision_th)
+    records, outputs = evaluate([Method(spec) for spec in available], pairs, homography, ecfg.precision_th)
 
-    names = [spec.name for spec in available]
-    table = summary_table(records, names)
-    metrics = metrics_dict(table)
+    setup = (f"{len(pairs)} `{ecfg.split}` pairs of `{pairs_file}`. Homography: {homography['method']}, "
+             f"{homography['threshold']:g} px. AUC of the mean corner error at {'/'.join(map(str, AUC_THRESHOLDS))} "
+             f"px (HPatches style), failures count as infinite error; precision: matches within "
+             f"{ecfg.precision_th:g} px of the true homography; matches, inliers: means per pair; seconds: median "
+             f"per pair (extraction of both images + matching + fitting) on {ecfg.threads} CPU threads.")
     out_dir = Path(cfg.paths.evaluate)
-    with atomic_path(out_dir) as tmp:
-        tmp.mkdir()
-        (tmp / FILES["metrics"]).write_text(json.dumps(metrics, indent=2) + "\n")
-        records.to_csv(tmp / FILES["errors"], index=False, float_format="%.6g")
-        error_cdf_table(records, names, ecfg.cdf_max_error).to_csv(tmp / FILES["cdf"], index=False)
-        draw_error_cdf({name: records.loc[records["method"] == name, "corner_error"].to_numpy() for name in names},
-                       tmp / FILES["cdf_png"], max_error=ecfg.cdf_max_error)
-        draw_bars(table, tmp / FILES["bars_png"], metric="auc@3", group_key=GROUP_KEY, by="method")
-        pictured = pictured_method(table, ecfg.pictures.method)
-        rows = pairs.set_index("pair_id", drop=False)
-        picture_lines = []
-        for which, pair_id in extreme_pairs(records, pictured).items():
-            record = records[(records["method"] == pictured) & (records["pair_id"] == pair_id)].iloc[0]
-            draw_pair(rows.loc[pair_id].to_dict(), outputs[(pictured, pair_id)], record.to_dict(),
-                      tmp / FILES[f"{which}_png"], pictured, ecfg.pictures.max_lines)
-            picture_lines += [f"{which.capitalize()} pair of {pictured}: {pair_id} "
-                              f"({record[GROUP_KEY]}, corner error {record['corner_error']:.2f} px)", "",
-                              f"![{which} pair]({FILES[f'{which}_png']})", ""]
-        setup = (f"{len(pairs)} `{ecfg.split}` pairs of `{pairs_file}`. Homography: {homography['method']}, "
-                 f"{homography['threshold']:g} px. AUC of the mean corner error at {'/'.join(map(str, AUC_THRESHOLDS))}"
-                 f" px (HPatches style), failures count as infinite error; precision: matches within "
-                 f"{ecfg.precision_th:g} px of the true homography; matches, inliers: means per pair; seconds: "
-                 f"median per pair (extraction of both images + matching + fitting) on {ecfg.threads} CPU threads.")
-        (tmp / FILES["report"]).write_text(report_markdown(table, skipped, setup, "\n".join(picture_lines)))
-
-    params = flat_params({key: value for key, value in OmegaConf.to_container(ecfg, resolve=True).items()
-                          if key not in ("methods", "feature_defaults", "mlflow", "bench")})
-    for spec in specs:
-        params.update(flat_params({"features": spec.features, "matcher": spec.matcher, "weights": spec.weights},
-                                  f"method.{spec.name}"))
-    params.update({"pairs_file": str(pairs_file), "n_pairs": str(len(pairs))})
-    tags = {f"skipped.{name}": reason for name, reason in skipped.items()}
-    run_id = log_to_mlflow(OmegaConf.to_container(ecfg.mlflow, resolve=True), params, mlflow_metrics(metrics),
-                           tags, out_dir)
+    table = write_outputs(out_dir, ecfg, records, outputs, pairs, skipped, setup)
+    run_id = log_to_mlflow(OmegaConf.to_container(ecfg.mlflow, resolve=True),
+                           mlflow_params(ecfg, specs, pairs_file, len(pairs)), mlflow_metrics(metrics_dict(table)),
+                           {f"skipped.{name}": reason for name, reason in skipped.items()}, out_dir)
     return Evaluation(table, records, skipped, out_dir, run_id)

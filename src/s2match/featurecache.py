@@ -177,7 +177,7 @@ def read_index(directory: str | Path, splits: list[str] | None = None) -> pd.Dat
 def load_entry(directory: str | Path, file: str) -> dict[str, Any]:
     path = Path(directory) / file
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: feature cache entry listed in the index is missing (re-run the features stage)")
+        raise FileNotFoundError(f"{path}: cache entry listed in the index is missing (re-run the features stage)")
     return torch.load(path, map_location="cpu", weights_only=True)
 
 

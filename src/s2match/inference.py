@@ -97,7 +97,8 @@ def open_product(path: Path) -> Product:
     if path.is_dir():
         return open_safe(path)
     if path.suffix.lower() not in IMAGE_SUFFIXES:
-        raise ProductError(f"{path}: unsupported image format (use {', '.join(sorted(IMAGE_SUFFIXES))} or a .SAFE folder)")
+        known = ", ".join(sorted(IMAGE_SUFFIXES))
+        raise ProductError(f"{path}: unsupported image format (use {known} or a .SAFE folder)")
     try:
         with warnings.catch_warnings(), rasterio.open(path) as src:
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
@@ -313,9 +314,11 @@ def candidate_tiles(box0: tuple[int, int, int, int], tile_size: int) -> list[tup
 
 
 def tile_scores(tiles: list[tuple], overview0: np.ndarray, overview_box: tuple, guide: np.ndarray,
-                size1: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """(valid share, texture) per tile from image0's overview: valid = image0 has data and the guide maps the pixel
-    into image1; texture = mean gradient magnitude of the normalised overview over the valid pixels."""
+                size1: tuple[int, int], support_pts0: np.ndarray) -> dict[str, np.ndarray]:
+    """Per tile, from image0's overview and the coarse stage: `valid` share (image0 has data and the guide maps the
+    pixel into image1), `texture` (mean gradient magnitude of the normalised overview over valid pixels) and
+    `support` (coarse inliers inside: ground that matched across the dates, where texture alone would also pick
+    clouds)."""
     height, width = overview0.shape[1:]
     to_image0 = box_to_pixels(overview_box, (width, height))
     grey = _matcher_input(overview0)[0].mean(0).numpy()
@@ -325,56 +328,63 @@ def tile_scores(tiles: list[tuple], overview0: np.ndarray, overview_box: tuple, 
     valid = (np.all(np.isfinite(overview0), axis=0) & (in1[..., 0] >= -0.5) & (in1[..., 0] <= size1[0] - 0.5)
              & (in1[..., 1] >= -0.5) & (in1[..., 1] <= size1[1] - 0.5))
     to_overview = np.linalg.inv(to_image0)
-    shares, textures = [], []
+    scores: dict[str, list[float]] = {"valid": [], "texture": [], "support": []}
     for tile in tiles:
         (c0, r0), (c1, r1) = warp_points(to_overview, np.array([tile[:2], tile[2:]], float) - 0.5) + 0.5
         rows = slice(int(np.clip(round(r0), 0, height - 1)), int(np.clip(round(r1), 1, height)))
         cols = slice(int(np.clip(round(c0), 0, width - 1)), int(np.clip(round(c1), 1, width)))
         cell = valid[rows, cols]
-        shares.append(float(cell.mean()) if cell.size else 0.0)
-        textures.append(float(gradient[rows, cols][cell].mean()) if cell.any() else 0.0)
-    return np.array(shares), np.array(textures)
+        scores["valid"].append(float(cell.mean()) if cell.size else 0.0)
+        scores["texture"].append(float(gradient[rows, cols][cell].mean()) if cell.any() else 0.0)
+        inside = ((support_pts0[:, 0] + 0.5 >= tile[0]) & (support_pts0[:, 0] + 0.5 < tile[2])
+                  & (support_pts0[:, 1] + 0.5 >= tile[1]) & (support_pts0[:, 1] + 0.5 < tile[3]))
+        scores["support"].append(float(inside.sum()))
+    return {key: np.array(values) for key, values in scores.items()}
 
 
-def select_tiles(tiles: list[tuple], valid: np.ndarray, texture: np.ndarray, box0: tuple, max_tiles: int,
+def select_tiles(tiles: list[tuple], scores: dict[str, np.ndarray], box0: tuple, max_tiles: int,
                  min_valid: float) -> list[int]:
     """Indices of at most max_tiles tiles: the overlap is cut into a near-square grid of max_tiles cells and each
-    cell gives its most textured tile with enough valid data (spread), then the most textured of the rest fill up."""
-    eligible = [i for i in range(len(tiles)) if valid[i] >= min_valid]
+    cell gives its best tile with enough valid data (spread), then the best of the rest fill up. Best = most coarse
+    inliers, then most textured."""
+    rank = {i: (scores["support"][i], scores["texture"][i]) for i in range(len(tiles))}
+    eligible = sorted((i for i in rank if scores["valid"][i] >= min_valid), key=lambda i: rank[i], reverse=True)
     if len(eligible) <= max_tiles:
-        return sorted(eligible, key=lambda i: -texture[i])
+        return eligible
     x0, y0, x1, y1 = box0
     aspect = (x1 - x0) / max(y1 - y0, 1)
     cols = max(1, min(max_tiles, round(math.sqrt(max_tiles * aspect))))
     rows = max(1, max_tiles // cols)
     best: dict[tuple[int, int], int] = {}
-    for i in eligible:
+    for i in eligible:  # best first: a cell keeps the first tile it sees
         cx, cy = (tiles[i][0] + tiles[i][2]) / 2, (tiles[i][1] + tiles[i][3]) / 2
-        cell = (min(int((cy - y0) / (y1 - y0) * rows), rows - 1), min(int((cx - x0) / (x1 - x0) * cols), cols - 1))
-        if cell not in best or texture[i] > texture[best[cell]]:
-            best[cell] = i
-    chosen = sorted(best.values(), key=lambda i: -texture[i])[:max_tiles]
-    rest = sorted(set(eligible) - set(chosen), key=lambda i: -texture[i])
+        best.setdefault((min(int((cy - y0) / (y1 - y0) * rows), rows - 1),
+                         min(int((cx - x0) / (x1 - x0) * cols), cols - 1)), i)
+    chosen = sorted(best.values(), key=lambda i: rank[i], reverse=True)[:max_tiles]
+    rest = [i for i in eligible if i not in chosen]
     return chosen + rest[: max_tiles - len(chosen)]
 
 
 def fine_matches(image0: SceneImage, image1: SceneImage, tiles: list[tuple], guide: np.ndarray,
-                 pair_matcher: PairMatcher) -> tuple[Matches, list[dict]]:
-    """Match each full-resolution tile of image0 with image1 resampled into its frame by `guide`."""
+                 pair_matcher: PairMatcher, radius_px: float) -> tuple[Matches, list[dict]]:
+    """Match each full-resolution tile of image0 with image1 resampled into its frame by `guide`. The guide is
+    right to about a coarse pixel, so a match whose two ends lie more than `radius_px` apart in the tile's frame
+    is wrong (clouds, repeated patterns) and is dropped before the fit."""
     parts, report = [], []
     for tile in tqdm(tiles, desc="fine tiles", unit="tile"):
         out_size = (tile[2] - tile[0], tile[3] - tile[1])
         guided = guided_view(image1, guide, tile, out_size)
         if guided is None:
-            report.append({"box": list(tile), "matches": 0})
+            report.append({"box": list(tile), "matches": 0, "near_guide": 0})
             continue
         view1, to_image1 = guided
         view0 = image0.read(tile, out_size)
         to_image0 = box_to_pixels(tile, out_size)
         k0, k1, scores, kp0, kp1 = pair_matcher(view0, view1)
-        parts.append(Matches(warp_points(to_image0, k0), warp_points(to_image1, k1), scores,
+        near = np.linalg.norm(k1 - k0, axis=1) <= radius_px
+        parts.append(Matches(warp_points(to_image0, k0[near]), warp_points(to_image1, k1[near]), scores[near],
                              warp_points(to_image0, kp0), warp_points(to_image1, kp1)))
-        report.append({"box": list(tile), "matches": len(k0)})
+        report.append({"box": list(tile), "matches": len(k0), "near_guide": int(near.sum())})
     return Matches.concat(parts), report
 
 
@@ -402,7 +412,8 @@ def build_pair_matcher(cfg: DictConfig) -> tuple[PairMatcher, dict]:
             if features_cfg["name"] not in PRETRAINED_LIGHTGLUE:
                 raise FileNotFoundError(f"{checkpoint}: no trained LightGlue checkpoint, and features "
                                         f"{features_cfg['name']!r} have no pretrained one")
-            model.update(weights="pretrained", weights_file=str(resolve_weights(PRETRAINED_LIGHTGLUE[features_cfg['name']])))
+            pretrained = resolve_weights(PRETRAINED_LIGHTGLUE[features_cfg["name"]])
+            model.update(weights="pretrained", weights_file=str(pretrained))
         log.info("matcher weights: %s (%s)", model["weights"], model["weights_file"])
     return PairMatcher(features, build_matcher(matcher_cfg, features_cfg["name"]), cfg.border_px), model
 
@@ -455,12 +466,15 @@ def match_scenes(image0: SceneImage, image1: SceneImage, pair_matcher: PairMatch
             result["reason"] = f"coarse matching failed: {fit.reason}"
             return Outcome(result, coarse, np.zeros(len(coarse.pts0), bool), None)
         tiles = candidate_tiles(box0, cfg.tile_size)
-        valid, texture = tile_scores(tiles, overview0, box0, guide, image1.size)
-        chosen = [tiles[i] for i in select_tiles(tiles, valid, texture, box0, cfg.max_tiles, cfg.min_valid)]
+        scores = tile_scores(tiles, overview0, box0, guide, image1.size, coarse.pts0[fit.inliers])
+        chosen = [tiles[i] for i in select_tiles(tiles, scores, box0, cfg.max_tiles, cfg.min_valid)]
+        # image0 pixels per coarse overview pixel: the guide's accuracy is a few of them
+        radius = cfg.guide_tolerance * (box0[2] - box0[0]) / overview0.shape[2]
         fine_start = time.perf_counter()
-        final, tiles_report = fine_matches(image0, image1, chosen, guide, pair_matcher)
+        final, tiles_report = fine_matches(image0, image1, chosen, guide, pair_matcher, radius)
         timings["fine_s"] = time.perf_counter() - fine_start
-        result["tiles"] = {"candidates": len(tiles), "used": len(chosen), "per_tile": tiles_report}
+        result["tiles"] = {"candidates": len(tiles), "used": len(chosen), "guide_radius_px": radius,
+                           "per_tile": tiles_report}
         fit = fit_homography(final.pts0, final.pts1, cfg.ransac_method, cfg.ransac_threshold,
                              min_inliers=cfg.min_inliers)
     result.update(matches=len(final.pts0), inliers=fit.n_inliers, success=fit.success, reason=fit.reason)
@@ -491,7 +505,8 @@ def region_table(image0: SceneImage, pts0: np.ndarray, shift_m: np.ndarray, regi
         for c in range(regions):
             x0, x1 = c * width / regions, (c + 1) * width / regions
             y0, y1 = r * height / regions, (r + 1) * height / regions
-            inside = (pts0[:, 0] + 0.5 >= x0) & (pts0[:, 0] + 0.5 < x1) & (pts0[:, 1] + 0.5 >= y0) & (pts0[:, 1] + 0.5 < y1)
+            x, y = pts0[:, 0] + 0.5, pts0[:, 1] + 0.5  # pixel centres -> edge coordinates of the cells
+            inside = (x >= x0) & (x < x1) & (y >= y0) & (y < y1)
             cell = shift_m[inside]
             rows.append({"row": r, "col": c, "x0": x0, "y0": y0, "x1": x1, "y1": y1, "count": int(inside.sum()),
                          "dx_m": float(cell[:, 0].mean()) if len(cell) else None,
@@ -626,6 +641,12 @@ def run_inference(cfg: DictConfig) -> int:
     if "pair" not in cfg or not cfg.pair.get("image0") or not cfg.pair.get("image1"):
         raise KeyError("no pair to match: pass +pair=NAME (conf/pair/) or +pair.image0=PATH +pair.image1=PATH")
     infer, bands = cfg.infer, cfg.bands
+    # GDAL's block cache defaults to 5 % of RAM; on big scenes it would dominate the memory of a run.
+    with rasterio.Env(GDAL_CACHEMAX=int(infer.gdal_cache_mb)):
+        return _run(cfg, infer, bands)
+
+
+def _run(cfg: DictConfig, infer: DictConfig, bands: DictConfig) -> int:
     start = time.perf_counter()
     images = [open_image(resolve_path(cfg.pair[key]), bands.composite, bands.composites, bands.fallback,
                          infer.resolution) for key in ("image0", "image1")]
@@ -647,5 +668,5 @@ def run_inference(cfg: DictConfig) -> int:
         log.info("%d inliers of %d matches, residual RMSE %.2f px; wrote %s", result["inliers"], result["matches"],
                  result["residuals_px"]["rmse"], folder)
         return 0
-    log.error("no reliable transform: %s (wrote %s)", result["reason"], folder)
+    log.error("%s (wrote %s)", result["reason"], folder)
     return EXIT_NO_TRANSFORM
