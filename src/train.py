@@ -2,11 +2,11 @@
 
     python src/train.py [train=smoke|default|long] [key=value ...]     # Hydra overrides of conf/
     python src/train.py train.resume=last                              # go on from the last checkpoint
-    python src/train.py train.trainer.accelerator=gpu train.trainer.devices=2 train.trainer.strategy=ddp
+    python src/train.py trainer.accelerator=gpu trainer.devices=2 trainer.strategy=ddp
 
-Validates the pretrained head once before training, trains, validates the final weights, and writes under
-paths.train: matcher.pt (LightGlue state dict for build_lightglue(weights=...)), metrics.json (val metrics before /
-after), val_curve.csv (val metrics per step) and checkpoints/ (last.ckpt every train.checkpoint_every steps,
+Validates the pretrained head once before training, trains, keeps the weights of the best validation (val/auc@3;
+the last ones if no validation beat them) and writes under paths.train: matcher.pt (LightGlue state dict for
+build_lightglue(weights=...)), metrics.json (val metrics before / after, which step was kept), val_curve.csv (val metrics per step) and checkpoints/ (last.ckpt every train.checkpoint_every steps,
 best.ckpt on val/auc@3). The MLflow run gets the flattened config, the curves, the checkpoints, and a new version
 of the registered model train.mlflow.registered_model.
 """
@@ -69,7 +69,7 @@ def build_trainer(cfg: DictConfig, logger, checkpoints: Path, timer: StepTimer) 
                         auto_insert_metric_name=False, save_on_train_epoch_end=False),
         LearningRateMonitor(logging_interval="step"),
     ]
-    options = OmegaConf.to_container(cfg.train.trainer, resolve=True)
+    options = OmegaConf.to_container(cfg.trainer, resolve=True)
     return pl.Trainer(**options, logger=logger, callbacks=callbacks, default_root_dir=cfg.paths.train,
                       enable_model_summary=False)
 
@@ -95,6 +95,13 @@ def main(cfg: DictConfig) -> None:
     before = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     after = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    kept_step = trainer.global_step
+    best = next(c for c in trainer.checkpoint_callbacks if c.monitor == MONITOR)
+    if best.best_model_score is not None and float(best.best_model_score) > after[MONITOR]:
+        # Few validation pairs and a short schedule: a mid-run validation can beat the last step.
+        state = torch.load(best.best_model_path, map_location="cpu", weights_only=False)
+        module.load_state_dict(state["state_dict"])
+        after, kept_step = trainer.validate(module, datamodule=datamodule, verbose=False)[0], state["global_step"]
     if not trainer.is_global_zero:
         return
 
@@ -105,6 +112,7 @@ def main(cfg: DictConfig) -> None:
         "before": {key: before[key] for key in VAL_METRICS},
         "after": {key: after[key] for key in VAL_METRICS},
         "steps": trainer.global_step,
+        "kept_step": kept_step,
         "seconds_per_step": timer.seconds_per_step,
         "mlflow_run_id": logger.run_id,
         "registered_model_version": int(version.version),

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from s2match.config import PARAMS_FILE, PROJECT_ROOT, compose_config, render_params
+from s2match.config import PARAMS_FILE, PROJECT_ROOT, compose_config, load_config, render_params
 
 PROJECT_FILES = ["conf", "pipeline", "src", "dvc.yaml", "params.yaml", "data.dvc", ".dvc/config", ".dvcignore",
                  ".gitignore"]
@@ -70,3 +70,10 @@ def test_dvc_exp_run_set_param(project):
     assert (per_tile == 1).all()
     if before is not None:
         assert len(table) < len(before)
+
+
+def test_stage_config_from_params_file_takes_overrides_and_groups():
+    cfg = load_config(["--params", str(PARAMS_FILE), "+pair=demo", "tile.size=256", "+pair.image1=other.tif"])
+    assert cfg.tile.size == 256 and cfg.pair.name == "demo" and cfg.pair.image1 == "other.tif"
+    with pytest.raises(SystemExit, match="not found"):
+        load_config(["--params", "missing.yaml"])

@@ -64,7 +64,7 @@ def killed_run(sample_dir, tmp_path_factory) -> dict:
     last = work / "train" / "checkpoints" / "last.ckpt"
     log = work / "killed.log"
     with log.open("w") as sink:
-        process = subprocess.Popen([*train, "train.trainer.max_steps=200", "train.trainer.val_check_interval=200"],
+        process = subprocess.Popen([*train, "trainer.max_steps=200", "trainer.val_check_interval=200"],
                                    cwd=work, env=env, stdout=sink, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
     step = 0
@@ -92,7 +92,7 @@ def test_killed_run_loses_at_most_one_checkpoint_interval(killed_run):
 @pytest.fixture(scope="module")
 def resumed_run(killed_run) -> dict:
     target = killed_run["checkpoint_step"] + 2
-    command([*killed_run["train"], "train.resume=last", f"train.trainer.max_steps={target}"], killed_run["work"],
+    command([*killed_run["train"], "train.resume=last", f"trainer.max_steps={target}"], killed_run["work"],
             killed_run["env"])
     metrics = json.loads((killed_run["work"] / "train" / "metrics.json").read_text())
     return {**killed_run, "metrics": metrics, "target": target}

@@ -28,8 +28,9 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
 def load_config(argv: list[str] | None = None) -> DictConfig:
     """Configuration for an entry script from its command line.
 
-    `--params FILE [key=value ...]` reads an already composed file (what DVC stages do, so that
-    `dvc exp run -S` overrides reach them); anything else is a list of Hydra overrides on `conf/`.
+    `--params FILE [override ...]` reads an already composed file (what DVC stages do, so that
+    `dvc exp run -S` overrides reach them); an override is `key=value`, or `+group=name` to add the config
+    `conf/<group>/<name>.yaml` (e.g. `+pair=demo`). Anything else is a list of Hydra overrides on `conf/`.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == PARAMS_FLAG:
@@ -39,7 +40,13 @@ def load_config(argv: list[str] | None = None) -> DictConfig:
         if not path.is_file():
             raise SystemExit(f"error: {path}: parameters file not found")
         cfg = OmegaConf.load(path)
-        cfg.merge_with_dotlist(args[2:])
+        for override in args[2:]:
+            key, _, value = override.partition("=")
+            group_file = CONF_DIR / key.lstrip("+") / f"{value}.yaml"
+            if key.startswith("+") and "." not in key and group_file.is_file():
+                cfg[key[1:]] = OmegaConf.load(group_file)
+            else:
+                cfg.merge_with_dotlist([override.lstrip("+")])
         return cfg
     return compose_config(args)
 
