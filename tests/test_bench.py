@@ -11,16 +11,15 @@ from s2match import bench
 from s2match.config import PROJECT_ROOT
 
 
-def bench_args(cfg, stages) -> list[str]:
-    group = "evaluate=smoke" if "evaluate" in cfg else "+evaluate=smoke"
-    return [group, f"paths.pairs={stages['dir'] / 'pairs'}"]
+def bench_args(stages) -> list[str]:
+    return ["evaluate=smoke", f"paths.pairs={stages['dir'] / 'pairs'}"]
 
 
-def test_bench_prints_and_writes_a_table(cfg, stages, tmp_path):
+def test_bench_prints_and_writes_a_table(stages, tmp_path):
     out = tmp_path / "bench.md"
     result = subprocess.run(
         [sys.executable, "-m", "s2match.bench", "--pairs", "1", "--runs", "1", "--methods", "sift", "--out", str(out),
-         *bench_args(cfg, stages)],
+         *bench_args(stages)],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
@@ -38,8 +37,8 @@ def test_bench_prints_and_writes_a_table(cfg, stages, tmp_path):
     assert out.read_text() == result.stdout
 
 
-def test_bench_rejects_an_unknown_method(cfg, stages, capsys):
+def test_bench_rejects_an_unknown_method(stages, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        bench.main(["--pairs", "1", "--methods", "sift,nope", *bench_args(cfg, stages)])
+        bench.main(["--pairs", "1", "--methods", "sift,nope", *bench_args(stages)])
     assert exit_info.value.code == 1
     assert "unknown methods ['nope']" in capsys.readouterr().err

@@ -39,9 +39,8 @@ def mlflow_dir(tmp_path_factory):
 @pytest.fixture
 def smoke_cfg(cfg, stages, mlflow_dir, tmp_path):
     """The smoke evaluation on the fixture's test pairs, writing only under temporary folders."""
-    group = "evaluate=smoke" if "evaluate" in cfg else "+evaluate=smoke"
     return compose_config([
-        group, f"paths.pairs={stages['dir'] / 'pairs'}", f"paths.train={tmp_path / 'train'}",
+        "evaluate=smoke", f"paths.pairs={stages['dir'] / 'pairs'}", f"paths.train={tmp_path / 'train'}",
         f"paths.evaluate={tmp_path / 'evaluate'}", f"evaluate.mlflow.tracking_uri=sqlite:///{mlflow_dir / 'mlflow.db'}",
         f"evaluate.mlflow.artifact_location={mlflow_dir / 'artifacts'}",
     ])

@@ -69,7 +69,7 @@ def corner_error(H: np.ndarray, H_true: np.ndarray, size: tuple[int, int]) -> fl
 
 def infer(tmp_path: Path, image0: Path, image1: Path, *overrides: str) -> tuple[int, dict, Path]:
     out = tmp_path / "run"
-    cfg = compose_config(["+infer=default", f"+pair.image0={image0}", f"+pair.image1={image1}",
+    cfg = compose_config([f"+pair.image0={image0}", f"+pair.image1={image1}",
                           f"infer.output_dir={out}", *overrides])
     status = run_inference(cfg)
     return status, json.loads((out / "result.json").read_text()), out
@@ -226,7 +226,7 @@ def test_missing_and_corrupt_inputs_are_one_line_errors(tmp_path, jp2_crop, monk
     with pytest.raises(ProductError, match="corrupt.tif: unreadable image"):
         open_image(corrupt, "nir", {"nir": ["B08"]}, "gray", None)
     image0 = write_raster(tmp_path / "a.tif", *jp2_crop)
-    monkeypatch.setattr(sys, "argv", ["infer.py", "+infer=default", f"+pair.image0={image0}",
+    monkeypatch.setattr(sys, "argv", ["infer.py", f"+pair.image0={image0}",
                                       f"+pair.image1={tmp_path / 'missing.tif'}"])
     with pytest.raises(SystemExit) as exit_:
         cli.run(run_inference)
@@ -238,7 +238,7 @@ def test_no_overlap_fails_with_a_non_zero_exit(tmp_path):
     image0 = write_raster(tmp_path / "a.tif", *read_crop(JP2, Window(0, 0, 300, 300)))
     image1 = write_raster(tmp_path / "b.tif", *read_crop(JP2, Window(1000, 2000, 300, 300)))
     out = tmp_path / "run"
-    run = subprocess.run([sys.executable, str(PROJECT_ROOT / "src" / "infer.py"), "+infer=default", *FAST,
+    run = subprocess.run([sys.executable, str(PROJECT_ROOT / "src" / "infer.py"), *FAST,
                           f"+pair.image0={image0}", f"+pair.image1={image1}", f"infer.output_dir={out}"],
                          capture_output=True, text=True, cwd=PROJECT_ROOT)
     assert run.returncode == EXIT_NO_TRANSFORM

@@ -5,7 +5,7 @@ separately, on a fixed set of N test pairs (taken in turn from each season kind,
 takes them), as the median of R runs per pair after one warm-up run, on `evaluate.threads` CPU threads; prints a
 markdown table with the mean over pairs of those medians and the AUCs on the same set, so the figures of the
 README come from one command. Unlike the evaluation, methods never share an extraction here.
-Other arguments are Hydra overrides of conf/ (e.g. ``+evaluate=default``, ``features=disk``), or
+Other arguments are Hydra overrides of conf/ (e.g. ``evaluate=smoke``, ``features=disk``), or
 ``--params params.yaml``.
 """
 

@@ -169,8 +169,7 @@ def image_size(image: np.ndarray) -> tuple[int, int]:
 def evaluate_config(cfg: DictConfig) -> DictConfig:
     """The `evaluate` group of a composed config, or a one-line error saying how to get it."""
     if "evaluate" not in cfg:
-        raise ValueError("no `evaluate` config: add `- evaluate: default` to the defaults of conf/config.yaml "
-                         "or pass +evaluate=default")
+        raise ValueError("no `evaluate` config: keep `- evaluate: default` in the defaults of conf/config.yaml")
     return cfg.evaluate
 
 

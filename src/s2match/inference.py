@@ -637,7 +637,7 @@ def run_inference(cfg: DictConfig) -> int:
     """The `infer` entry point: match cfg.pair.image0 against cfg.pair.image1 and write the run folder.
     Returns 0 on success, EXIT_NO_TRANSFORM when no reliable transform was found."""
     if "infer" not in cfg:
-        raise KeyError("no `infer` config: add the infer group to conf/config.yaml or pass +infer=default")
+        raise KeyError("no `infer` config: keep `- infer: default` in the defaults of conf/config.yaml")
     if "pair" not in cfg or not cfg.pair.get("image0") or not cfg.pair.get("image1"):
         raise KeyError("no pair to match: pass +pair=NAME (conf/pair/) or +pair.image0=PATH +pair.image1=PATH")
     infer, bands = cfg.infer, cfg.bands
