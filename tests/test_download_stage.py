@@ -21,7 +21,7 @@ STAMPS = {"winter": ("b0000000-0000-0000-0000-000000000001", "20230115T090321", 
 
 def raster_bytes(array: np.ndarray, src, scale: int, tmp_path) -> bytes:
     """A lossless georeferenced JP2 of `array`, as CDSE serves band files (the JP2 driver only copies)."""
-    transform = rasterio.windows.transform(WINDOW, src.transform) * rasterio.Affine.scale(scale)
+    transform = rasterio.windows.transform(WINDOW, src.transform) @ rasterio.Affine.scale(scale)
     with MemoryFile() as memory:
         with memory.open(driver="GTiff", width=array.shape[1], height=array.shape[0], count=1,
                          dtype="uint16", crs=src.crs, transform=transform) as dst:

@@ -61,7 +61,7 @@ def make_safe(root: Path, sample_dir: Path, level: str, baseline: str, offset: i
     b8a = (img / "R20m" if level == "L2A" else img) / f"T33UUU_{time}_B8A{suffix20}.tif"
     with rasterio.open(b08, "w", width=512, height=512, transform=transform10, **profile) as dst:
         dst.write(crop, 1)
-    transform20 = transform10 * rasterio.Affine.scale(2)
+    transform20 = transform10 @ rasterio.Affine.scale(2)
     with rasterio.open(b8a, "w", width=256, height=256, transform=transform20, **profile) as dst:
         dst.write(crop20, 1)
     offsets = "" if offset is None else "".join(

@@ -140,7 +140,7 @@ class SceneImage:
     def read(self, box: tuple[float, float, float, float], out_size: tuple[int, int]) -> np.ndarray:
         """(C, h, w) float32 of the box (pixel edges, inside the frame) resampled to out_size = (w, h)."""
         x0, y0, x1, y1 = box
-        transform = self.grid.transform * Affine.translation(x0, y0) * Affine.scale(
+        transform = self.grid.transform @ Affine.translation(x0, y0) @ Affine.scale(
             (x1 - x0) / out_size[0], (y1 - y0) / out_size[1])
         grid = Grid(self.grid.crs, transform, int(out_size[0]), int(out_size[1]))
         try:
