@@ -94,7 +94,7 @@ def main() -> None:
     args, overrides = parser.parse_known_args()
     image0, image1 = build_inputs(args.workdir, args.overviews, args.cross_date)
     out = args.workdir / "run"
-    command = [sys.executable, str(ROOT / "src" / "infer.py"), "+infer=default", f"+pair.image0={image0}",
+    command = [sys.executable, str(ROOT / "src" / "infer.py"), f"+pair.image0={image0}",
                f"+pair.image1={image1}", "+pair.name=bench", f"infer.output_dir={out}", *overrides]
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
