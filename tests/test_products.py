@@ -151,7 +151,7 @@ def test_missing_folder_is_a_clear_error(tmp_path):
 
 
 def test_product_offset_rule():
-    product = Product(PROJECT_ROOT, "raster", "L2A", None, None, {}, processing_baseline=4.0)
+    product = Product(PROJECT_ROOT, "L2A", None, None, {}, processing_baseline=4.0)
     assert product.offset("B08") == BASELINE_OFFSET
     product.offsets["B08"] = 0.0  # a provider that already removed the offset says so in its metadata
     assert product.offset("B08") == 0.0

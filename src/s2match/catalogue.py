@@ -191,7 +191,6 @@ def product_of(row: dict, root: Path) -> Product:
     baseline = row["processing_baseline"]
     return Product(
         path=root / row["path"],
-        kind="catalogue",
         level=row["level"],
         tile=None,
         acquired=date.fromisoformat(row["date"]) if row["date"] else None,

@@ -19,6 +19,7 @@ import rasterio
 
 from s2match.fileio import atomic_path
 from s2match.geometry import random_homography, warp_image
+from s2match.tiling import boxes_intersect
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def location_groups(footprints: dict[str, tuple[float, float, float, float]], bu
         return aoi
 
     for (a, box_a), (b, box_b) in combinations(sorted(grown.items()), 2):
-        if box_a[0] < box_b[2] and box_b[0] < box_a[2] and box_a[1] < box_b[3] and box_b[1] < box_a[3]:
+        if boxes_intersect(box_a, box_b):
             parent[root(b)] = root(a)
     return {aoi: root(aoi) for aoi in footprints}
 

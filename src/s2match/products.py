@@ -41,7 +41,6 @@ class Product:
     """One acquisition: where each band lives (path, 1-based band index) and its radiometry."""
 
     path: Path
-    kind: str  # safe | loose | raster
     level: str  # L1C | L2A | TCI | RGB8 | unknown
     tile: str | None
     acquired: date | None
@@ -113,7 +112,6 @@ def open_safe(folder: Path) -> Product:
     level = name["level"] if name else ("L2A" if any("MSIL2A" in m.name for m in metadata) else "L1C")
     return Product(
         path=folder,
-        kind="safe",
         level=level,
         tile=(name or first)["tile"] if (name or first) else None,
         acquired=parse_time((name or first)["time"]) if (name or first) else None,
@@ -145,7 +143,6 @@ def open_loose(key: str, files: list[Path], tags: dict[str, str]) -> Product:
         level = "TCI"
     return Product(
         path=files[0].parent,
-        kind="loose",
         level=level,
         tile=tile,
         acquired=parse_time(time),
@@ -167,7 +164,6 @@ def open_raster(path: Path, band_names: list[str] | None, tags: dict[str, str], 
     offsets = {name: float(tags["ADD_OFFSET"]) for name in names} if tags.get("ADD_OFFSET") else {}
     return Product(
         path=path,
-        kind="raster",
         level={"S2MSI1C": "L1C", "S2MSI2A": "L2A"}.get(tags.get("PRODUCT", ""), "unknown"),
         tile=tags.get("TILE"),
         acquired=parse_time(tags["DATE"]) if tags.get("DATE") else None,

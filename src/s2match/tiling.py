@@ -124,7 +124,8 @@ def tile_aoi(aoi: str, scenes: list[dict], spec: TileSpec, out_dir: Path) -> lis
     return rows
 
 
-def boxes_intersect(a: list[float], b: list[float]) -> bool:
+def boxes_intersect(a, b) -> bool:
+    """Whether two (west, south, east, north) boxes overlap."""
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
