@@ -14,7 +14,7 @@ from rasterio.enums import Resampling
 from s2match import bands
 from s2match.catalogue import local_rows, read_catalogue, sample_rows, write_catalogue
 from s2match.config import PROJECT_ROOT
-from s2match.products import BASELINE_OFFSET, Product, ProductError
+from s2match.products import BASELINE_OFFSET, Product, ProductError, band_names
 
 JP2 = "jp2/T33UUU/20160608.jp2"
 
@@ -155,3 +155,9 @@ def test_product_offset_rule():
     assert product.offset("B08") == BASELINE_OFFSET
     product.offsets["B08"] = 0.0  # a provider that already removed the offset says so in its metadata
     assert product.offset("B08") == 0.0
+
+
+def test_undescribed_rasters_get_the_same_band_names_in_pipeline_and_inference():
+    assert band_names(("B08", "B04")) == ["B08", "B04"]
+    assert band_names((None, None, None)) == ["B04", "B03", "B02"]  # an RGB picture: display convention
+    assert band_names((None,)) == ["band1"]

@@ -23,6 +23,7 @@ from s2match.products import (
     RASTER_SUFFIXES,
     Product,
     ProductError,
+    band_names,
     group_loose_band_files,
     open_loose,
     open_raster,
@@ -140,8 +141,7 @@ def find_products(folder: Path) -> Iterable[tuple[str, Product | Exception]]:
         try:
             with rasterio.open(path) as src:
                 tags, descriptions = src.tags(), src.descriptions
-            names = None if all(descriptions) else [f"band{i + 1}" for i in range(len(descriptions))]
-            yield path.stem, open_raster(path, names, tags, descriptions)
+            yield path.stem, open_raster(path, band_names(descriptions), tags, descriptions)
         except (RasterioIOError, ProductError) as err:
             yield path.stem, err
 

@@ -138,7 +138,7 @@ def residuals(H: np.ndarray, pts0, pts1) -> np.ndarray:
     return np.linalg.norm(projected - pts1, axis=1)
 
 
-def _corners(width: int, height: int) -> np.ndarray:
+def corner_pixels(width: int, height: int) -> np.ndarray:
     """Centres of the four corner pixels, clockwise from the top-left."""
     return np.array([[0, 0], [width - 1, 0], [width - 1, height - 1], [0, height - 1]], dtype=np.float64)
 
@@ -150,7 +150,7 @@ def overlap_fraction(H: np.ndarray, size: tuple[int, int]) -> float:
     image0 that lies inside the image1 frame. 0 when H folds the frame through the line at infinity.
     """
     width, height = size
-    frame = _corners(width, height).astype(np.float32)
+    frame = corner_pixels(width, height).astype(np.float32)
     warped = warp_points(H, frame).astype(np.float32)
     if not np.all(np.isfinite(warped)) or not cv2.isContourConvex(warped[:, None, :]):
         return 0.0
@@ -182,7 +182,7 @@ def random_homography(
         raise ValueError(f"size must be (width, height) of at least 2x2 pixels, got {size}")
     if not 0 < low <= high:
         raise ValueError(f"scale must be a range (low, high) with 0 < low <= high, got {scale}")
-    corners = _corners(width, height)
+    corners = corner_pixels(width, height)
     centre = corners[2] / 2.0
     for _ in range(max_tries):
         jitter = rng.uniform(-perspective, perspective, size=(4, 2)) * (width, height)

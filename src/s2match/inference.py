@@ -57,9 +57,9 @@ from s2match.pairs import normalise
 from s2match.products import (
     BAND_FILE,
     RASTER_SUFFIXES,
-    TCI_BANDS,
     Product,
     ProductError,
+    band_names,
     group_loose_band_files,
     open_loose,
     open_raster,
@@ -82,13 +82,6 @@ MIN_TILE_FRACTION = 0.25
 # ---------------------------------------------------------------- inputs
 
 
-def _unnamed_band_names(count: int) -> list[str]:
-    """Names for bands without descriptions: one band is grey; 3 or 4 are RGB(A), the display-image convention."""
-    if count in (3, 4):
-        return TCI_BANDS + ["alpha"] * (count - 3)
-    return [f"band{i + 1}" for i in range(count)]
-
-
 def open_product(path: Path) -> Product:
     """The product an input path names: a SAFE-layout folder, one band file of a loose ESA-named product (its
     sibling bands join it), or one raster or picture whose bands are named by their descriptions."""
@@ -109,8 +102,7 @@ def open_product(path: Path) -> Product:
         siblings = [p for p in sorted(path.parent.iterdir()) if p.suffix.lower() in RASTER_SUFFIXES]
         key, files = next((key, files) for key, files in group_loose_band_files(siblings) if path in files)
         return open_loose(key, files, tags)
-    names = list(descriptions) if all(descriptions) else _unnamed_band_names(len(descriptions))
-    return open_raster(path, names, tags, descriptions)
+    return open_raster(path, band_names(descriptions), tags, descriptions)
 
 
 def box_to_pixels(box: tuple[float, float, float, float], out_size: tuple[int, int]) -> np.ndarray:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from s2match.geometry import residuals, warp_points
+from s2match.geometry import corner_pixels, residuals, warp_points
 
 AUC_THRESHOLDS = (1, 3, 5, 10)
 
@@ -23,7 +23,7 @@ def mean_corner_error(H_est: np.ndarray | None, H_gt: np.ndarray, width: int, he
     """
     if H_est is None:
         return float("inf")
-    corners = np.array([[0, 0], [width - 1, 0], [width - 1, height - 1], [0, height - 1]], dtype=np.float64)
+    corners = corner_pixels(width, height)
     error = np.linalg.norm(warp_points(H_est, corners) - warp_points(H_gt, corners), axis=1).mean()
     return float(error) if np.isfinite(error) else float("inf")
 

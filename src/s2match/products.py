@@ -153,6 +153,16 @@ def open_loose(key: str, files: list[Path], tags: dict[str, str]) -> Product:
     )
 
 
+def band_names(descriptions: tuple) -> list[str]:
+    """Band names of a raster: its descriptions, else the display convention (3 or 4 bands are RGB(A), the rest
+    band1, band2, ...)."""
+    if all(descriptions):
+        return list(descriptions)
+    if len(descriptions) in (3, 4):
+        return TCI_BANDS + ["alpha"] * (len(descriptions) - 3)
+    return [f"band{i + 1}" for i in range(len(descriptions))]
+
+
 def open_raster(path: Path, band_names: list[str] | None, tags: dict[str, str], descriptions: tuple) -> Product:
     """One multi-band raster whose bands are named by `band_names` or by the file's band descriptions."""
     names = band_names or [d for d in descriptions if d]
