@@ -2,13 +2,13 @@
 
 from pathlib import Path
 
-from s2match.bands import run_stage
-from s2match.catalogue import read_catalogue
+from s2match.data.composites import write_bands
+from s2match.data.catalogue import read_catalogue
 from s2match.cli import run
 
 
 def main(cfg) -> None:
-    table = run_stage(cfg.bands, read_catalogue(Path(cfg.paths.catalogue), only_ok=False), Path(cfg.paths.bands),
+    table = write_bands(cfg.bands, read_catalogue(Path(cfg.paths.catalogue), only_ok=False), Path(cfg.paths.bands),
                       Path.cwd())
     print(f"{cfg.paths.bands}: {(table.status == 'ok').sum()} images, {(table.status != 'ok').sum()} skipped")
 

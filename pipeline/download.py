@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from s2match.catalogue import build_catalogue, write_catalogue
+from s2match.data.catalogue import build_catalogue, write_catalogue
 from s2match.cli import run
 
 

@@ -1,14 +1,14 @@
-"""DVC stage `features`: local features of the configured splits' pairs, extracted once (s2match.featurecache)."""
+"""DVC stage `features`: local features of the configured splits' pairs, extracted once (s2match.data.featurecache)."""
 
 import torch
 
 from s2match.cli import run
-from s2match.featurecache import cache_dir, run_stage
+from s2match.data.featurecache import cache_dir, write_cache
 
 
 def main(cfg) -> None:
-    torch.set_num_threads(int(cfg.train.threads))
-    index = run_stage(cfg)
+    torch.set_num_threads(int(cfg.threads))
+    index = write_cache(cfg)
     per_split = ", ".join(f"{split} {count}" for split, count in index["split"].value_counts().sort_index().items())
     print(f"{cache_dir(cfg.paths.features, cfg.features)}: {len(index)} pairs cached, {per_split}")
 

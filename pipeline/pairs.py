@@ -5,13 +5,13 @@ from pathlib import Path
 import pandas as pd
 
 from s2match.cli import run
-from s2match.pairs import run_stage
+from s2match.data.pairs import write_pairs
 
 
 def main(cfg) -> None:
     scenes = pd.read_csv(Path(cfg.paths.bands) / "scenes.csv", dtype={"date": str}, keep_default_na=False)
     tiles = pd.read_csv(Path(cfg.paths.tiles) / "tiles.csv", dtype={"date": str}, keep_default_na=False)
-    table = run_stage(cfg.pairs, scenes, tiles, Path(cfg.paths.pairs))
+    table = write_pairs(cfg.pairs, scenes, tiles, Path(cfg.paths.pairs))
     print(f"{cfg.paths.pairs}: {len(table)} pairs, " + ", ".join(f"{k} {v}" for k, v in table.split.value_counts().items()))
 
 

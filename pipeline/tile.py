@@ -5,12 +5,12 @@ from pathlib import Path
 import pandas as pd
 
 from s2match.cli import run
-from s2match.tiling import run_stage
+from s2match.data.tiling import write_tiles
 
 
 def main(cfg) -> None:
     scenes = pd.read_csv(Path(cfg.paths.bands) / "scenes.csv", dtype={"date": str}, keep_default_na=False)
-    table = run_stage(cfg.tile, scenes, Path(cfg.paths.tiles))
+    table = write_tiles(cfg.tile, scenes, Path(cfg.paths.tiles))
     kept = table[table["kept"].astype(bool)]
     print(f"{cfg.paths.tiles}: {len(kept)} tiles kept of {len(table)} ({kept['tile_id'].nunique()} locations)")
 

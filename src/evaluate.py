@@ -1,12 +1,13 @@
-"""DVC stage `evaluate`: SIFT, the pretrained LightGlues and the trained matcher on the test pairs (see
-s2match.evaluation); writes paths.evaluate and one MLflow run."""
+"""DVC stage `evaluate`: SIFT, the pretrained LightGlues and the trained matcher, step by step, on the test pairs
+(see s2match.evaluation); writes paths.evaluate and one MLflow run."""
 
 from s2match.cli import run
-from s2match.evaluation import FILES, run_stage
+from s2match.evaluation.report import FILES
+from s2match.evaluation.runner import evaluate_methods
 
 
 def main(cfg) -> None:
-    evaluation = run_stage(cfg)
+    evaluation = evaluate_methods(cfg)
     print((evaluation.out_dir / FILES["report"]).read_text())
     print(f"{evaluation.out_dir}: written; MLflow run {evaluation.run_id}")
 

@@ -7,8 +7,8 @@
 Validates the pretrained head once before training, trains, keeps the weights of the best validation (val/auc@3;
 the last ones if no validation beat them) and writes under paths.train: matcher.pt (LightGlue state dict for
 build_lightglue(weights=...)), metrics.json (val metrics before / after, which step was kept), val_curve.csv (val metrics per step) and checkpoints/ (last.ckpt every train.checkpoint_every steps,
-best.ckpt on val/auc@3). The MLflow run gets the flattened config, the curves, the checkpoints, and a new version
-of the registered model train.mlflow.registered_model.
+best.ckpt on val/auc@3). The MLflow run gets the flattened config, the curves, the exported head (the full
+checkpoints too with mlflow.log_checkpoints=true), and a new version of the registered model mlflow.registered_model.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from s2match.cli import run
-from s2match.datamodule import FeatureDataModule
+from s2match.data.datamodule import FeatureDataModule
 from s2match.fileio import write_text
-from s2match.model import MatcherModule
+from s2match.training.module import MatcherModule
 from s2match.tracking import build_logger, log_folder, metric_table, register_model
 
 log = logging.getLogger("train")
@@ -75,7 +75,7 @@ def build_trainer(cfg: DictConfig, logger, checkpoints: Path, timer: StepTimer) 
 
 
 def main(cfg: DictConfig) -> None:
-    torch.set_num_threads(int(cfg.train.threads))
+    torch.set_num_threads(int(cfg.threads))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     out = Path(cfg.paths.train)
     checkpoints = out / "checkpoints"
@@ -85,8 +85,8 @@ def main(cfg: DictConfig) -> None:
 
     datamodule = FeatureDataModule.from_config(cfg)
     module = MatcherModule.from_config(cfg)
-    logger = build_logger(cfg.train.mlflow, tags={"features": str(cfg.features.name),
-                                                  **({"resumed_from": str(resume)} if resume else {})})
+    logger = build_logger(cfg.mlflow, cfg.mlflow.experiments.train,
+                          tags={"features": str(cfg.features.name), **({"resumed_from": str(resume)} if resume else {})})
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     timer = StepTimer()
     trainer = build_trainer(cfg, logger, checkpoints, timer)
@@ -106,8 +106,9 @@ def main(cfg: DictConfig) -> None:
         return
 
     weights = module.export_weights(out / "matcher.pt")
-    log_folder(logger, checkpoints, "checkpoints")
-    version = register_model(logger, weights, OmegaConf.to_yaml(cfg, resolve=True), cfg.train.mlflow.registered_model)
+    if cfg.mlflow.log_checkpoints:
+        log_folder(logger, checkpoints, "checkpoints")
+    version = register_model(logger, weights, OmegaConf.to_yaml(cfg, resolve=True), cfg.mlflow.registered_model)
     metrics = {
         "before": {key: before[key] for key in VAL_METRICS},
         "after": {key: after[key] for key in VAL_METRICS},

@@ -10,11 +10,13 @@ import pytest
 import rasterio
 import torch
 
-from s2match import bands, pairs, tiling
-from s2match.catalogue import sample_rows, write_catalogue
+from s2match.data import composites as bands
+from s2match.data import pairs
+from s2match.data import tiling
+from s2match.data.catalogue import sample_rows, write_catalogue
 from s2match.config import PROJECT_ROOT, compose_config
-from s2match.features import build_features
-from s2match.geometry import warp_image
+from s2match.models.features import build_features
+from s2match.geo.homography import warp_image
 
 SAMPLE = PROJECT_ROOT / "data" / "sample"
 # A known homography with rotation, scale, shift and mild perspective (image0 px -> image1 px).
@@ -38,9 +40,9 @@ def stages(sample_dir, cfg, tmp_path_factory) -> dict[str, pd.DataFrame]:
     """download -> bands -> tile -> pairs on the whole sample, with the default configuration."""
     out = tmp_path_factory.mktemp("stages")
     catalogue = write_catalogue(sample_rows(sample_dir, PROJECT_ROOT), out / "catalogue.csv")
-    scenes = bands.run_stage(cfg.bands, catalogue, out / "bands", PROJECT_ROOT)
-    tiles = tiling.run_stage(cfg.tile, scenes, out / "tiles")
-    table = pairs.run_stage(cfg.pairs, scenes, tiles, out / "pairs")
+    scenes = bands.write_bands(cfg.bands, catalogue, out / "bands", PROJECT_ROOT)
+    tiles = tiling.write_tiles(cfg.tile, scenes, out / "tiles")
+    table = pairs.write_pairs(cfg.pairs, scenes, tiles, out / "pairs")
     return {"catalogue": catalogue, "scenes": scenes, "tiles": tiles, "pairs": table, "dir": out}
 
 

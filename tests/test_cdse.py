@@ -11,10 +11,10 @@ import requests
 from omegaconf import OmegaConf
 
 from fake_cdse import PASSWORD, USERNAME, FakeCopernicus
-from s2match.sources import choose_scenes
-from s2match.sources import cdse
-from s2match.sources.aoi import parse_aoi
-from s2match.sources.http import (
+from s2match.data.sources import choose_scenes
+from s2match.data.sources import cdse
+from s2match.data.sources.aoi import parse_aoi
+from s2match.data.sources.http import (
     Checksum, FileJob, HttpError, IntegrityError, RetryPolicy, carries_auth, download, download_all,
 )
 

@@ -9,8 +9,8 @@ import rasterio.shutil
 from rasterio.io import MemoryFile
 
 from fake_cdse import FakeCopernicus
-from s2match import bands
-from s2match.catalogue import build_catalogue, write_catalogue
+from s2match.data import composites as bands
+from s2match.data.catalogue import build_catalogue, write_catalogue
 from s2match.config import compose_config
 from test_cdse import GRANULE, credentials, l2a_name  # noqa: F401  (fixture)
 
@@ -59,7 +59,7 @@ def test_cdse_source_feeds_the_catalogue_and_bands(sample_dir, credentials, tmp_
     assert list(catalogue.status) == ["ok", "ok"], catalogue.reason.tolist()
     assert list(catalogue.season) == ["winter", "summer"] and set(catalogue.aoi) == {"T36UYA"}
     assert set(catalogue.source) == {"cdse"} and list(catalogue.bands) == ["B08", "B08"]  # SCL is a mask, not a band
-    scenes = bands.run_stage(cfg.bands, pd.read_csv(tmp_path / "catalogue.csv", dtype={"date": str}),
+    scenes = bands.write_bands(cfg.bands, pd.read_csv(tmp_path / "catalogue.csv", dtype={"date": str}),
                              tmp_path / "bands", tmp_path)
     with rasterio.open(scenes.image[0]) as out:
         # DN carry the +1000 offset of baseline 05.09 (no data stays 0); BOA_ADD_OFFSET from the metadata removes it.

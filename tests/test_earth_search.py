@@ -15,9 +15,9 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window, from_bounds
 
 from fake_cdse import FakeCopernicus
-from s2match.sources import Scene
-from s2match.sources import earth_search
-from s2match.sources.aoi import parse_aoi
+from s2match.data.sources import Scene
+from s2match.data.sources import earth_search
+from s2match.data.sources.aoi import parse_aoi
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf" / "download" / "earth_search.yaml"

@@ -11,21 +11,22 @@ import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from s2match.config import compose_config
-from s2match.evaluation import (
-    FILES,
+from s2match.evaluation.metrics import auc
+from s2match.evaluation.report import FILES
+from s2match.evaluation.runner import (
     Method,
     MethodSpec,
+    build_methods,
     evaluate,
+    evaluate_methods,
     method_specs,
-    run_stage,
-    select_pairs,
+    pairs_by_kind,
     summary_table,
 )
-from s2match.matcher import build_lightglue
-from s2match.metrics import auc
+from s2match.models.lightglue import build_lightglue
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -41,70 +42,80 @@ def smoke_cfg(cfg, stages, mlflow_dir, tmp_path):
     """The smoke evaluation on the fixture's test pairs, writing only under temporary folders."""
     return compose_config([
         "evaluate=smoke", f"paths.pairs={stages['dir'] / 'pairs'}", f"paths.train={tmp_path / 'train'}",
-        f"paths.evaluate={tmp_path / 'evaluate'}", f"evaluate.mlflow.tracking_uri=sqlite:///{mlflow_dir / 'mlflow.db'}",
-        f"evaluate.mlflow.artifact_location={mlflow_dir / 'artifacts'}",
+        f"paths.evaluate={tmp_path / 'evaluate'}", f"mlflow.tracking_uri=sqlite:///{mlflow_dir / 'mlflow.db'}",
+        f"mlflow.artifact_location={mlflow_dir / 'artifacts'}",
     ])
 
 
 def test_method_without_matches_counts_as_failure(smoke_cfg, stages):
-    test_pairs = select_pairs(stages["pairs"][stages["pairs"]["split"] == "test"], 1)
+    test_pairs = pairs_by_kind(stages["pairs"][stages["pairs"]["split"] == "test"], 1)
+    sift = next(spec for spec in method_specs(smoke_cfg) if spec.name == "sift")
     # a ratio no real pair of descriptors passes: the method returns no matches at all
-    silent = Method(MethodSpec("silent", {"name": "sift", "max_keypoints": 128}, {"name": "ratio", "ratio": 1e-9}))
-    records, outputs = evaluate([silent], test_pairs, {"method": "usac_magsac", "threshold": 3.0}, 3.0)
+    silent = Method(MethodSpec("silent", {**sift.config, "matcher": {"name": "ratio", "ratio": 1e-9}}))
+    records, outputs = evaluate([silent], test_pairs, 3.0)
 
     record = records.iloc[0]
     assert record["n_matches"] == 0 and record["n_keypoints0"] > 0
     assert record["failed"] and record["reason"]
     assert math.isinf(record["corner_error"])
     assert record["precision"] == 0.0 and record["n_inliers"] == 0
-    assert not outputs[("silent", record["pair_id"])].fit.success
+    assert not outputs[("silent", record["pair_id"])].success
     overall = summary_table(records, ["silent"]).loc[("silent", "all")]
     assert overall["failure_rate"] == 1.0
     assert overall["auc@10"] == 0.0
 
 
-def test_method_specs_complete_features_and_reject_bad_entries(smoke_cfg):
-    specs = {spec.name: spec for spec in method_specs(smoke_cfg.evaluate)}
+def test_method_specs_complete_the_project_config_and_reject_bad_entries(smoke_cfg):
+    specs = {spec.name: spec for spec in method_specs(smoke_cfg)}
     # defaults of conf/features/sift.yaml, with the smoke config's max_keypoints
-    assert specs["sift"].features["max_keypoints"] == 256
-    assert specs["sift"].features["rootsift"] is True
-    assert "not found" in specs["trained"].unavailable()
+    assert specs["sift"].config["features"]["max_keypoints"] == 256
+    assert specs["sift"].config["features"]["rootsift"] is True
+    # another matcher name replaces the group; the same name overrides its keys
+    assert specs["sift"].config["matcher"] == {"name": "ratio", "ratio": 0.8}
+    assert specs["trained"].config["matcher"] == OmegaConf.to_container(smoke_cfg.matcher, resolve=True)
+    assert specs["sift"].config["registration"]["refine"] is False and specs["trained"].config["registration"]["refine"]
 
     with open_dict(smoke_cfg):
-        smoke_cfg.evaluate.methods[0].matcher.weights = "x.pt"
-        with pytest.raises(ValueError, match="method's `weights`"):
-            method_specs(smoke_cfg.evaluate)
-        smoke_cfg.evaluate.methods[0].matcher.pop("weights")
+        smoke_cfg.evaluate.methods[0].weights = "x.pt"
+        with pytest.raises(ValueError, match=r"unknown keys \['weights'\]"):
+            method_specs(smoke_cfg)
+        smoke_cfg.evaluate.methods[0].pop("weights")
     smoke_cfg.evaluate.methods[1].name = "sift"
     with pytest.raises(ValueError, match="duplicated method names"):
-        method_specs(smoke_cfg.evaluate)
+        method_specs(smoke_cfg)
 
 
-def test_missing_trained_weights_are_reported_as_skipped(smoke_cfg, caplog):
+def test_methods_with_one_extractor_share_it(smoke_cfg):
+    specs = [spec for spec in method_specs(compose_config()) if spec.name.startswith("trained")]
+    methods = build_methods(specs)
+    assert len(methods) == 3 and len({id(method.pipeline.extractor) for method in methods}) == 1
+
+
+def test_missing_trained_weights_run_the_pretrained_head_and_say_so(smoke_cfg, caplog):
     smoke_cfg.evaluate.max_pairs = 1
     smoke_cfg.evaluate.methods = [m for m in smoke_cfg.evaluate.methods if m.name in ("sift", "trained")]
-    with caplog.at_level(logging.WARNING, logger="s2match.evaluation"):
-        evaluation = run_stage(smoke_cfg)
+    with caplog.at_level(logging.WARNING):
+        evaluation = evaluate_methods(smoke_cfg)
 
-    assert evaluation.skipped.keys() == {"trained"}
-    assert any("trained skipped" in message and "matcher.pt" in message for message in caplog.messages)
+    assert evaluation.weights["trained"].startswith("pretrained")
+    assert any("matcher.pt" in message and "pretrained aliked LightGlue stands in" in message
+               for message in caplog.messages)
     metrics = json.loads((evaluation.out_dir / FILES["metrics"]).read_text())
-    assert list(metrics) == ["sift"]
+    assert list(metrics) == ["sift", "trained"]
     report = (evaluation.out_dir / FILES["report"]).read_text()
-    assert "## Skipped methods" in report and "- trained: weights file" in report
-    # the best AUC@3 method is pictured instead
-    assert "pair of sift" in report
+    assert "- trained: pretrained (" in report and "- sift: none" in report
 
 
 def test_smoke_evaluation_end_to_end(smoke_cfg, tmp_path):
     weights = tmp_path / "train" / "matcher.pt"
     weights.parent.mkdir()
-    torch.save(build_lightglue("aliked").state_dict(), weights)
+    torch.save(build_lightglue("aliked", filter_threshold=0.1, depth_confidence=-1, width_confidence=-1).state_dict(),
+               weights)
 
-    evaluation = run_stage(smoke_cfg)
+    evaluation = evaluate_methods(smoke_cfg)
 
     out = evaluation.out_dir
-    assert evaluation.skipped == {}
+    assert evaluation.weights["trained"] == f"trained ({weights})"
     for name in FILES.values():
         assert (out / name).is_file(), name
     for name in ("cdf_png", "bars_png", "best_png", "worst_png"):
@@ -113,6 +124,11 @@ def test_smoke_evaluation_end_to_end(smoke_cfg, tmp_path):
     methods = ["sift", "xfeat_lighterglue", "trained"]
     metrics = json.loads((out / FILES["metrics"]).read_text())
     assert list(metrics) == methods
+    # the shift-consistency protocol ran on the trained method: every registration succeeded, sub-pixel
+    shifts = pd.read_csv(out / FILES["shifts"])
+    assert set(shifts["method"]) == {"trained"} and len(shifts) >= 1
+    consistency = metrics["trained"].pop("shift_consistency")
+    assert consistency["success"] == 1.0 and consistency["median_px"] < 0.3
     errors = pd.read_csv(out / FILES["errors"])
     assert len(errors) == 2 * len(methods)
     for method in methods:
@@ -136,13 +152,14 @@ def test_smoke_evaluation_end_to_end(smoke_cfg, tmp_path):
         assert cdf[method].iloc[-1] == pytest.approx(100 * within)
 
     report = (out / FILES["report"]).read_text()
-    assert "## All pairs" in report and "## Skipped methods" not in report
+    assert "## All pairs" in report and "## Shift consistency" in report
     assert all(f"| {method} | 2 |" in report for method in methods)
     assert "pair of trained" in report
 
-    client = MlflowClient(smoke_cfg.evaluate.mlflow.tracking_uri)
+    client = MlflowClient(smoke_cfg.mlflow.tracking_uri)
     run = client.get_run(evaluation.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.metrics["trained/all/auc3"] == pytest.approx(metrics["trained"]["all"]["auc@3"])
-    assert run.data.params["method.trained.weights"] == str(weights)
+    assert run.data.params["method.trained.matcher.weights"] == str(weights)
+    assert run.data.tags["weights.trained"] == f"trained ({weights})"
     assert {artifact.path for artifact in client.list_artifacts(evaluation.run_id)} >= set(FILES.values())

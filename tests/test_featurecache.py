@@ -13,11 +13,12 @@ import rasterio
 import torch
 from rasterio.windows import Window
 
-from s2match.datamodule import FeatureDataModule, collate_pairs
-from s2match.featurecache import build_cache, cache_dir, read_index, select_pairs
-from s2match.geometry import random_homography
+from s2match.data.datamodule import FeatureDataModule, collate_pairs
+from s2match.data.featurecache import build_cache, cache_dir, pairs_to_cache, read_index
+from s2match.geo.homography import random_homography
 
-ALIKED_SMALL = {"name": "aliked", "max_keypoints": 128, "weights": None, "detection_threshold": 0.2, "nms_radius": 2}
+ALIKED_SMALL = {"name": "aliked", "max_keypoints": 128}
+BORDER_PX = 8
 
 
 def write_tiny_pairs(sample_dir: Path, out: Path, splits: dict[str, int], size: int = 128) -> Path:
@@ -57,14 +58,14 @@ def pairs(sample_dir, tmp_path_factory) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def cached(pairs, tmp_path_factory) -> tuple[pd.DataFrame, Path]:
     root = tmp_path_factory.mktemp("cache")
-    return build_cache(pairs, ALIKED_SMALL, root), cache_dir(root, ALIKED_SMALL)
+    return build_cache(pairs, ALIKED_SMALL, BORDER_PX, root), cache_dir(root, ALIKED_SMALL)
 
 
 def test_select_pairs_limits_each_split(pairs):
-    chosen = select_pairs(pairs, ["train", "val"], {"train": 1})
+    chosen = pairs_to_cache(pairs, ["train", "val"], {"train": 1})
     assert list(chosen.pair_id) == ["train0", "val0"]
     with pytest.raises(ValueError, match="test"):
-        select_pairs(pairs, ["test"])
+        pairs_to_cache(pairs, ["test"])
 
 
 def test_cache_writes_then_reuses_entries(pairs, cached):
@@ -80,7 +81,7 @@ def test_cache_writes_then_reuses_entries(pairs, cached):
     assert torch.all(entry["scores0"][:-1] >= entry["scores0"][1:])
 
     mtimes = {path.name: path.stat().st_mtime_ns for path in folder.glob("*.pt")}
-    build_cache(pairs, ALIKED_SMALL, folder.parent)
+    build_cache(pairs, ALIKED_SMALL, BORDER_PX, folder.parent)
     assert {path.name: path.stat().st_mtime_ns for path in folder.glob("*.pt")} == mtimes, "re-run re-extracted"
 
 
@@ -88,7 +89,7 @@ def test_changed_config_invalidates_entries(pairs, cached, tmp_path):
     _, folder = cached
     shutil.copytree(folder, tmp_path / "aliked")
     smaller = {**ALIKED_SMALL, "max_keypoints": 16}
-    build_cache(pairs.iloc[[0]], smaller, tmp_path)
+    build_cache(pairs.iloc[[0]], smaller, BORDER_PX, tmp_path)
     assert len(torch.load(tmp_path / "aliked" / "train0.pt", weights_only=True)["keypoints0"]) <= 16
     assert read_index(tmp_path / "aliked").pair_id.tolist() == ["train0"]
 
@@ -96,13 +97,13 @@ def test_changed_config_invalidates_entries(pairs, cached, tmp_path):
 def test_augmentation_is_seeded(pairs, cached, tmp_path):
     augment = {"brightness": 0.3, "contrast": 0.3, "gamma": [0.7, 1.4]}
     one = pairs.iloc[[0]]
-    build_cache(one, ALIKED_SMALL, tmp_path / "a", augment, seed=1)
-    build_cache(one, ALIKED_SMALL, tmp_path / "b", augment, seed=1)
+    build_cache(one, ALIKED_SMALL, BORDER_PX, tmp_path / "a", augment, seed=1)
+    build_cache(one, ALIKED_SMALL, BORDER_PX, tmp_path / "b", augment, seed=1)
     load = lambda folder: torch.load(folder / "train0.pt", weights_only=True)["descriptors0"]  # noqa: E731
     assert torch.equal(load(tmp_path / "a" / "aliked"), load(tmp_path / "b" / "aliked"))
     assert not torch.equal(load(tmp_path / "a" / "aliked"), load(cached[1]))
     with pytest.raises(ValueError, match="hue"):
-        build_cache(one, ALIKED_SMALL, tmp_path / "c", {"hue": 0.1})
+        build_cache(one, ALIKED_SMALL, BORDER_PX, tmp_path / "c", {"hue": 0.1})
 
 
 def test_datamodule_batches_cached_pairs(cached):

@@ -9,8 +9,8 @@ import rasterio
 import torch
 from rasterio.windows import Window
 
-from s2match.features import FEATURES, build_features
-from s2match.matcher import build_lightglue
+from s2match.models.features import FEATURES, build_features
+from s2match.models.lightglue import build_lightglue
 
 SUMMER = pathlib.Path(__file__).parents[1] / "data/sample/ukraine/T35UNQ/summer.tif"
 SIZE = 256
@@ -59,7 +59,7 @@ def test_frozen_features_feed_a_trainable_matcher(crop):
     assert not any(p.requires_grad for p in features.parameters())
     found = [features(crop), features(crop.flip(-1))]
     assert not found[0]["keypoints"].is_inference()
-    matcher = build_lightglue("xfeat", pretrained=False, depth_confidence=-1, width_confidence=-1).train()
+    matcher = build_lightglue("xfeat", weights="random", filter_threshold=0.1, depth_confidence=-1, width_confidence=-1).train()
     size = torch.tensor([[256.0, 256.0]])
     views = [
         {"keypoints": f["keypoints"][None], "descriptors": f["descriptors"][None], "image_size": size} for f in found

@@ -1,9 +1,7 @@
 import numpy as np
 import pytest
 
-from s2match.geometry import (
-    ROBUST_METHODS,
-    fit_homography,
+from s2match.geo.homography import (
     overlap_fraction,
     random_homography,
     residuals,
@@ -11,7 +9,13 @@ from s2match.geometry import (
     warp_points,
 )
 
+from s2match.twoview.estimators import ROBUST_METHODS, RobustEstimator
+
 SIZE = (320, 256)  # (width, height)
+
+
+def fit_homography(pts0, pts1, method="usac_magsac"):
+    return RobustEstimator(method, 3.0, 0.9999, 10000, 8).fit(pts0, pts1)
 
 
 def _corner_error(H_a, H_b):
@@ -63,7 +67,7 @@ def test_fit_degenerate_input_fails_without_raising(pts0, pts1, reason):
 
 def test_fit_rejects_malformed_arguments():
     pts = np.zeros((10, 2))
-    with pytest.raises(ValueError, match="unknown homography method"):
+    with pytest.raises(ValueError, match="unknown 'lmeds'"):
         fit_homography(pts, pts, method="lmeds")
     with pytest.raises(ValueError, match="differ in length"):
         fit_homography(pts, pts[:9])

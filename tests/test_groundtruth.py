@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from s2match.geometry import warp_points
-from s2match.groundtruth import IGNORE, UNMATCHABLE, match_labels
+from s2match.geo.homography import warp_points
+from s2match.training.groundtruth import IGNORE, UNMATCHABLE, match_labels
 
 SIZE = torch.tensor([200.0, 100.0])  # (w, h) of both images
 # a shift by (+20, +10) plus a slight scale: hand-made keypoints can be placed exactly in image1

@@ -1,4 +1,4 @@
-"""Scene inference (s2match.inference, src/infer.py) on inputs built from the real sample.
+"""Scene inference (s2match.inference.coarse_to_fine, src/infer.py) on inputs built from the real sample.
 
 Most runs use SIFT with the ratio-test matcher (no network, fast); one recovers a homography with the default
 ALIKED + LightGlue. Ground truth is exact: image1 is a real crop warped by a known homography, or a crop on a
@@ -24,15 +24,15 @@ from rasterio.windows import Window
 
 from s2match import cli
 from s2match.config import PROJECT_ROOT, compose_config
-from s2match.geometry import warp_points
-from s2match.georef import Georef, pixel_to_pixel
-from s2match.inference import EXIT_NO_TRANSFORM, open_image, run_inference
-from s2match.products import ProductError
+from s2match.geo.homography import warp_points
+from s2match.geo.georef import Grid, pixel_to_pixel
+from s2match.inference.run import EXIT_NO_TRANSFORM, run_inference
+from s2match.inference.scenes import open_image
+from s2match.s2.products import ProductError
 
 JP2 = PROJECT_ROOT / "data" / "sample" / "jp2" / "T33UUU" / "20160529.jp2"
 OSCD = PROJECT_ROOT / "data" / "sample" / "oscd" / "pisa" / "20150704.tif"
-FAST = ["features@infer.features=sift", "infer.features.max_keypoints=1024", "infer.matcher.name=ratio",
-        "~infer.matcher.filter_threshold"]
+FAST = ["features=sift", "features.max_keypoints=1024", "matcher=ratio"]
 # A mild perspective warp: rotation, scale, shear and shift, as two dates' residual misregistration is not.
 H_TRUE = np.array([[0.985, -0.045, 11.3], [0.05, 1.01, -7.6], [1.5e-5, -1.0e-5, 1.0]])
 
@@ -131,11 +131,11 @@ def test_lightglue_recovers_a_known_homography_within_a_pixel(tmp_path):
     H = np.array([[0.94, -0.17, 45.0], [0.16, 0.95, -15.0], [2e-5, 1e-5, 1.0]])
     image0 = write_raster(tmp_path / "a.tif", band, transform, crs)
     image1 = write_raster(tmp_path / "b.tif", warped(band, H), transform, crs)
-    status, result, out = infer(tmp_path, image0, image1, "infer.features.max_keypoints=256",
-                                "infer.checkpoint=/nonexistent/matcher.pt")
+    status, result, out = infer(tmp_path, image0, image1, "features.max_keypoints=256",
+                                "matcher.weights=/nonexistent/matcher.pt")
     assert status == 0
     assert corner_error(np.array(result["homography"]), H, (384, 384)) < 1.0
-    assert result["model"]["weights"] == "pretrained" and Path(result["model"]["weights_file"]).is_file()
+    assert result["model"]["weights"] == "pretrained" and Path(result["model"]["file"]).is_file()
     assert result["model"]["features"] == "aliked" and result["model"]["matcher"] == "lightglue"
 
 
@@ -147,8 +147,8 @@ def test_large_scene_is_matched_tile_wise(tmp_path):
     H = np.array([[0.999, -0.012, 23.4], [0.011, 1.001, -17.2], [0.0, 0.0, 1.0]])
     image0 = write_raster(tmp_path / "a.tif", mosaic, transform, crs)
     image1 = write_raster(tmp_path / "b.tif", warped(mosaic, H), transform, crs)
-    status, result, _ = infer(tmp_path, image0, image1, *FAST, "infer.coarse_size=512", "infer.tile_size=512",
-                              "infer.max_tiles=4")
+    status, result, _ = infer(tmp_path, image0, image1, *FAST, "registration.coarse_size=512",
+                              "registration.tile_size=512", "registration.max_tiles=4")
     assert status == 0
     tiles = result["tiles"]
     assert tiles["candidates"] == 36 and tiles["used"] == 4
@@ -168,9 +168,9 @@ def test_georeferenced_outputs_match_the_known_grids(tmp_path):
     expected = np.array([[1, 0, -60], [0, 1, 50], [0, 0, 1]], float)
     assert np.allclose(result["prior"]["homography"], expected, atol=1e-6)
     assert corner_error(np.array(result["homography"]), expected, (500, 400)) < 0.3
-    assert abs(result["shift_m"]["dx_mean"]) < 1.0 and abs(result["shift_m"]["dy_mean"]) < 1.0
+    assert abs(result["shift_m"]["dx_median"]) < 1.0 and abs(result["shift_m"]["dy_median"]) < 1.0
     assert len(result["shift_m_by_region"]) == 4
-    assert sum(r["count"] for r in result["shift_m_by_region"]) == result["inliers"]
+    assert sum(r["count"] for r in result["shift_m_by_region"]) == result["matcher"]["inliers"]
 
     points = json.loads((out / "matches.geojson").read_text())["features"]
     assert len(points) == result["matches"]
@@ -193,8 +193,8 @@ def test_a_georeference_error_shows_as_shift_in_metres(tmp_path, jp2_crop):
     status, result, _ = infer(tmp_path, image0, image1, *FAST)
     assert status == 0
     assert corner_error(np.array(result["homography"]), np.eye(3), (384, 384)) < 0.3
-    assert result["shift_m"]["dx_mean"] == pytest.approx(15.0, abs=0.5)
-    assert result["shift_m"]["dy_mean"] == pytest.approx(-5.0, abs=0.5)
+    assert result["shift_m"]["dx_median"] == pytest.approx(15.0, abs=0.5)
+    assert result["shift_m"]["dy_median"] == pytest.approx(-5.0, abs=0.5)
 
 
 def test_grids_in_neighbouring_utm_zones_at_different_resolutions(tmp_path, jp2_crop):
@@ -209,11 +209,11 @@ def test_grids_in_neighbouring_utm_zones_at_different_resolutions(tmp_path, jp2_
               resampling=Resampling.bilinear, src_nodata=0, dst_nodata=0)
     image0 = write_raster(tmp_path / "a.tif", band, transform, crs)
     image1 = write_raster(tmp_path / "b.tif", band1, transform1, zone32)
-    status, result, out = infer(tmp_path, image0, image1, *FAST, "infer.min_inliers=20")
+    status, result, out = infer(tmp_path, image0, image1, *FAST, "estimator.min_inliers=20")
     assert status == 0
     H = np.array(result["homography"])
     pts = np.array([[160.0, 160.0], [480.0, 160.0], [480.0, 480.0], [160.0, 480.0]])
-    exact = pixel_to_pixel(Georef(crs, transform, 640, 640), Georef(zone32, transform1, width1, height1), pts)
+    exact = pixel_to_pixel(Grid(crs, transform, 640, 640), Grid(zone32, transform1, width1, height1), pts)
     # the content was placed by the georeference, so the fit must agree with it (image1 pixels are 20 m)
     assert np.linalg.norm(warp_points(H, pts) - exact, axis=1).mean() < 0.5
     assert result["prior"]["max_error_px"] < 0.1

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from s2match.groundtruth import match_labels
-from s2match.head import LightGlueHead
-from s2match.loss import assignment_nll, assignment_targets, deep_supervision_loss
-from s2match.matcher import build_lightglue
-from s2match.model import lightglue_inputs
+from s2match.training.groundtruth import match_labels
+from s2match.training.layerwise import LightGlueHead
+from s2match.training.loss import assignment_nll, assignment_targets, deep_supervision_loss
+from s2match.models.lightglue import build_lightglue
+from s2match.training.module import lightglue_inputs
 
 
 
@@ -53,7 +53,7 @@ def test_loss_trains_the_head_on_a_real_pair(real_pair):
     data, gt0, gt1 = real_pair
     assert (gt0 >= 0).sum() >= 30, "the pair has too few ground-truth matches to train on"
     torch.manual_seed(0)
-    lightglue = build_lightglue("aliked", pretrained=False, n_layers=2, depth_confidence=-1, width_confidence=-1)
+    lightglue = build_lightglue("aliked", weights="random", n_layers=2, filter_threshold=0.1, depth_confidence=-1, width_confidence=-1)
     head = LightGlueHead(lightglue.train())
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3)
     losses = []

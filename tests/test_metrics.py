@@ -3,8 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from s2match.geometry import random_homography
-from s2match.metrics import auc, match_precision, mean_corner_error, summarise
+from s2match.geo.homography import random_homography
+from s2match.evaluation.metrics import auc, match_precision, mean_corner_error, summarise
 
 WIDTH, HEIGHT = 320, 256
 SHIFT_2PX = np.array([[1.0, 0, 2], [0, 1, 0], [0, 0, 1]])

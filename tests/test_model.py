@@ -1,17 +1,20 @@
-from pathlib import Path
 
 import lightning as pl
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from s2match.head import LightGlueHead
-from s2match.matcher import build_lightglue
-from s2match.model import MatcherModule, lightglue_inputs
+from s2match.config import compose_config
+from s2match.models.lightglue import build_lightglue
+from s2match.training.layerwise import LightGlueHead
+from s2match.training.module import MatcherModule, lightglue_inputs
 
-ROOT = Path(__file__).resolve().parents[1]
-SMALL = {"feature": "aliked", "pretrained": False, "matcher": {"n_layers": 2}, "lr": 1e-3}
+RUNTIME = {"filter_threshold": 0.1, "depth_confidence": -1, "width_confidence": -1}
+ESTIMATOR = {"method": "usac_magsac", "threshold": 3.0, "confidence": 0.9999, "max_iters": 10000, "min_inliers": 8}
+TRAINING = {"pos_th": 3.0, "neg_th": 5.0, "nll_balancing": 0.5, "precision_th": 3.0, "estimator": ESTIMATOR,
+            "weight_decay": 0.0}
+SMALL = {"feature": "aliked", "weights": "random", "matcher": {"n_layers": 2, "filter_threshold": 0.1}, "lr": 1e-3,
+         **TRAINING}
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +43,7 @@ def _trainer(**kwargs):
 
 
 def test_config_groups_build_the_module():
-    cfg = OmegaConf.create(
-        {"model": OmegaConf.load(ROOT / "conf/model/lightglue.yaml"), "optim": OmegaConf.load(ROOT / "conf/optim/adamw.yaml")}
-    )
-    cfg.model.pretrained = False
-    cfg.model.matcher.n_layers = 1
+    cfg = compose_config(["model.weights=random", "model.matcher.n_layers=1"])
     module = MatcherModule.from_config(cfg)
     assert module.head.n_layers == 1
     assert module.head.lightglue.conf.depth_confidence == -1 and module.head.lightglue.conf.width_confidence == -1
@@ -52,7 +51,7 @@ def test_config_groups_build_the_module():
 
 
 def test_head_matches_kornia_forward_with_pretrained_weights(pair):
-    lightglue = build_lightglue("aliked", depth_confidence=-1, width_confidence=-1)
+    lightglue = build_lightglue("aliked", **RUNTIME)
     batch = next(iter(_loader(pair, max_keypoints=128)))
     inputs = lightglue_inputs(batch)
     with torch.no_grad():
@@ -65,11 +64,13 @@ def test_head_matches_kornia_forward_with_pretrained_weights(pair):
 
 def test_head_refuses_pruning():
     with pytest.raises(ValueError, match="width_confidence=-1"):
-        LightGlueHead(build_lightglue("aliked", pretrained=False, n_layers=1))
+        LightGlueHead(build_lightglue("aliked", weights="random", n_layers=1, filter_threshold=0.1,
+                                      depth_confidence=0.95, width_confidence=0.99))
 
 
 def test_validation_metrics_of_pretrained_matcher(pair):
-    module = MatcherModule("aliked", pretrained=True)
+    module = MatcherModule("aliked", {"n_layers": 9, "filter_threshold": 0.1}, "pretrained", lr=1e-4,
+                           warmup_steps=0, min_lr_ratio=1.0, **TRAINING)
     metrics = _trainer().validate(module, _loader(pair, max_keypoints=128), verbose=False)[0]
     for key in ("val/loss", "val/precision", "val/recall", "val/auc@1", "val/auc@3", "val/auc@5", "val/auc@10"):
         assert key in metrics
@@ -98,7 +99,8 @@ def test_training_is_deterministic_with_warmup_and_exports_loadable_weights(pair
     first, second = (torch.load(path) for path in exported)
     assert first.keys() == second.keys()
     assert all(torch.equal(first[key], second[key]) for key in first)
-    initial = MatcherModule(**SMALL).lightglue_state_dict()
+    pl.seed_everything(0)
+    initial = MatcherModule(**SMALL, warmup_steps=0, min_lr_ratio=1.0).lightglue_state_dict()
     assert any(not torch.equal(first[key], initial[key]) for key in first)  # training moved the weights
-    reloaded = build_lightglue("aliked", weights=exported[0], n_layers=2)
+    reloaded = build_lightglue("aliked", weights=exported[0], n_layers=2, **RUNTIME)
     assert all(torch.equal(value, first[key]) for key, value in reloaded.state_dict().items())

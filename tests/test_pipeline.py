@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from s2match.config import PARAMS_FILE, PROJECT_ROOT, compose_config, load_config, render_params
 
@@ -77,3 +79,53 @@ def test_stage_config_from_params_file_takes_overrides_and_groups():
     assert cfg.tile.size == 256 and cfg.pair.name == "demo" and cfg.pair.image1 == "other.tif"
     with pytest.raises(SystemExit, match="not found"):
         load_config(["--params", "missing.yaml"])
+
+
+def imported_modules(script: Path) -> set[Path]:
+    """The s2match module files a script imports, transitively (static: every `import` in every module, and
+    `import_module("s2match.x.")` prefixes as their whole package)."""
+    src = PROJECT_ROOT / "src"
+
+    def module_file(name: str) -> Path | None:
+        path = src.joinpath(*name.rstrip(".").split("."))
+        if (path / "__init__.py").is_file():
+            return path / "__init__.py"
+        return path.with_suffix(".py") if path.with_suffix(".py").is_file() else None
+
+    def names(path: Path) -> set[str]:
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names if alias.name.startswith("s2match")}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("s2match"):
+                found |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("s2match."):
+                package = src.joinpath(*node.value.rstrip(".").split("."))
+                found |= {f"{node.value.rstrip('.')}.{p.stem}" for p in package.glob("*.py")} if package.is_dir() else set()
+        return found
+
+    seen: set[Path] = set()
+    todo = [script]
+    while todo:
+        for name in names(todo.pop()):
+            parts = name.split(".")
+            for end in range(1, len(parts) + 1):
+                path = module_file(".".join(parts[:end]))
+                if path is not None and path not in seen:
+                    seen.add(path)
+                    todo.append(path)
+    return seen
+
+
+def test_dvc_stage_deps_cover_every_imported_module():
+    """A change to any module a stage imports reruns the stage: `dvc repro` cannot report stale results."""
+    stages = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        script = next(PROJECT_ROOT / word for word in stage["cmd"].split() if word.endswith(".py"))
+        deps = [PROJECT_ROOT / (dep if isinstance(dep, str) else next(iter(dep))) for dep in stage["deps"]]
+        assert script in deps, f"stage {name}: its script {script} is not a dep"
+        for dep in deps:
+            assert dep.exists() or dep.is_relative_to(PROJECT_ROOT / "outputs"), f"stage {name}: dep {dep} missing"
+        missing = sorted(str(module.relative_to(PROJECT_ROOT)) for module in imported_modules(script)
+                         if not any(module == dep or module.is_relative_to(dep) for dep in deps))
+        assert not missing, f"stage {name} imports modules that are not its deps: {missing}"

@@ -11,10 +11,10 @@ import pytest
 import rasterio
 from rasterio.enums import Resampling
 
-from s2match import bands
-from s2match.catalogue import local_rows, read_catalogue, sample_rows, write_catalogue
+from s2match.data import composites as bands
+from s2match.data.catalogue import local_rows, read_catalogue, sample_rows, write_catalogue
 from s2match.config import PROJECT_ROOT
-from s2match.products import BASELINE_OFFSET, Product, ProductError, band_names
+from s2match.s2.products import BASELINE_OFFSET, Product, ProductError, band_names
 
 JP2 = "jp2/T33UUU/20160608.jp2"
 
@@ -85,7 +85,7 @@ def test_safe_products_reflectance(tmp_path, sample_dir, cfg, level, baseline, o
     assert list(catalogue.status) == ["ok"], catalogue.reason.tolist()
     row = catalogue.iloc[0]
     assert row.aoi == "T33UUU" and row.date == "2022-06-08" and row.season == "summer" and row.level == level
-    scenes = bands.run_stage(cfg.bands, read_catalogue(tmp_path / "catalogue.csv"), tmp_path / "bands", tmp_path)
+    scenes = bands.write_bands(cfg.bands, read_catalogue(tmp_path / "catalogue.csv"), tmp_path / "bands", tmp_path)
     with rasterio.open(scenes.image[0]) as out, rasterio.open(sample_dir / JP2) as src:
         dn = src.read(1, window=((0, 512), (0, 512))).astype(np.float32)
         expected_reflectance = np.where(dn == 0, np.nan, (dn + expected) / 10000)
@@ -97,7 +97,7 @@ def test_b8a_resampled_to_10m(tmp_path, sample_dir, cfg):
     catalogue = write_catalogue(local_rows(tmp_path / "products", tmp_path), tmp_path / "catalogue.csv")
     config = cfg.bands.copy()
     config.composite = "nir20"
-    scenes = bands.run_stage(config, catalogue, tmp_path / "bands", tmp_path)
+    scenes = bands.write_bands(config, catalogue, tmp_path / "bands", tmp_path)
     with rasterio.open(scenes.image[0]) as out:
         assert (out.width, out.height, out.transform.a) == (512, 512, 10.0)
 
@@ -139,7 +139,7 @@ def test_bad_inputs_are_recorded_not_fatal(tmp_path, sample_dir, cfg):
     # A product without the requested band, with no fallback allowed: skipped, no image written.
     config = cfg.bands.copy()
     config.composite, config.fallback = "nir20", "skip"
-    scenes = bands.run_stage(config, catalogue.reset_index(), tmp_path / "bands", tmp_path).set_index("scene_id")
+    scenes = bands.write_bands(config, catalogue.reset_index(), tmp_path / "bands", tmp_path).set_index("scene_id")
     assert scenes.loc["oscd-pisa-20150704", "status"] == "skipped"
     assert "no band B8A" in scenes.loc["oscd-pisa-20150704", "reason"]
     assert sorted(p.name for p in (tmp_path / "bands").iterdir()) == ["scenes.csv"]

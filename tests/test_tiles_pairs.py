@@ -10,9 +10,10 @@ import pytest
 import rasterio
 from rasterio.warp import Resampling, calculate_default_transform, reproject
 
-from s2match import pairs, tiling
-from s2match.geometry import warp_points
-from s2match.pairs import load_pair, location_groups, read_tile, season_kind
+from s2match.data import pairs
+from s2match.data import tiling
+from s2match.geo.homography import warp_points
+from s2match.data.pairs import load_pair, location_groups, read_tile, season_kind
 
 
 def ncc(a: np.ndarray, b: np.ndarray) -> float:
@@ -148,6 +149,6 @@ def test_single_date_aoi_is_skipped(stages, cfg):
     lonely = tiles[tiles.aoi == "oscd-rio"].scene_id.iloc[0]
     tiles = tiles[~((tiles.aoi == "oscd-rio") & (tiles.scene_id != lonely))]
     out = stages["dir"] / "pairs-single"
-    table = pairs.run_stage(cfg.pairs, stages["scenes"], tiles, out)
+    table = pairs.write_pairs(cfg.pairs, stages["scenes"], tiles, out)
     assert "oscd-rio" not in set(table.aoi)
     assert json.loads((out / "summary.json").read_text())["skipped_aois"] == {"oscd-rio": "single date"}

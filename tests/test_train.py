@@ -17,9 +17,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from s2match.config import PROJECT_ROOT, compose_config, render_params
-from s2match.featurecache import build_cache, select_pairs
-from s2match.matcher import build_lightglue
-from s2match.pairs import read_pairs
+from s2match.data.featurecache import build_cache, pairs_to_cache
+from s2match.models.lightglue import build_lightglue
+from s2match.data.pairs import read_pairs
 from s2match.tracking import DEFAULT_TRACKING_URI, resolve_tracking_uri
 from test_featurecache import write_tiny_pairs
 
@@ -57,9 +57,10 @@ def killed_run(sample_dir, tmp_path_factory) -> dict:
     pairs_dir = write_tiny_pairs(sample_dir, work, TINY_SPLITS)
     env = environment(work / "mlflow.db")
     paths = [f"paths.pairs={pairs_dir}", f"paths.features={work / 'features'}", f"paths.train={work / 'train'}",
-             f"train.mlflow.artifact_location={work / 'mlruns'}"]
+             f"mlflow.artifact_location={work / 'mlruns'}", "mlflow.log_checkpoints=true"]
     cfg = compose_config(["train=smoke", *paths])
-    build_cache(select_pairs(read_pairs(pairs_dir / "pairs.csv"), ["train", "val"]), cfg.features, cfg.paths.features)
+    build_cache(pairs_to_cache(read_pairs(pairs_dir / "pairs.csv"), ["train", "val"]), cfg.features,
+                cfg.registration.border_px, cfg.paths.features)
     train = [sys.executable, str(PROJECT_ROOT / "src/train.py"), "train=smoke", *paths]
     last = work / "train" / "checkpoints" / "last.ckpt"
     log = work / "killed.log"
@@ -122,7 +123,9 @@ def test_run_is_tracked_and_registered_in_mlflow(resumed_run):
     assert set(metrics["before"]) == set(metrics["after"]) >= {"val/precision", "val/auc@3", "val/auc@10"}
     curve = pd.read_csv(train_dir / "val_curve.csv")
     assert curve.step.iloc[0] == 0 and "val/auc3" in curve.columns
-    build_lightglue("aliked", weights=str(train_dir / "matcher.pt"))  # strict load of the exported head
+    # strict load of the exported head
+    build_lightglue("aliked", weights=str(train_dir / "matcher.pt"), filter_threshold=0.1, depth_confidence=-1,
+                    width_confidence=-1)
 
 
 @pytest.mark.slow

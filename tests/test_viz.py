@@ -7,7 +7,7 @@ import pytest
 import rasterio
 from rasterio.windows import Window
 
-from s2match.geometry import random_homography, warp_image, warp_points
+from s2match.geo.homography import random_homography, warp_image, warp_points
 from s2match.viz import (
     DISPLAY_MAX_SIDE,
     DISPLAY_MIN_SIDE,

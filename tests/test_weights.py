@@ -8,8 +8,8 @@ import threading
 import pytest
 import torch
 
-from s2match import weights
-from s2match.weights import WeightSource, load_strict, resolve_weights
+from s2match.models import weights
+from s2match.models.weights import WeightSource, load_strict, resolve_weights
 
 
 @pytest.fixture

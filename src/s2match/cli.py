@@ -9,7 +9,7 @@ from collections.abc import Callable
 from omegaconf import DictConfig
 
 from s2match.config import load_config
-from s2match.products import ProductError
+from s2match.s2.products import ProductError
 
 # Errors a user can cause with bad input or configuration: reported in one line, no traceback.
 USER_ERRORS = (ProductError, FileNotFoundError, ValueError, KeyError)

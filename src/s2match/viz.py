@@ -17,7 +17,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from s2match.fileio import atomic_path
-from s2match.metrics import auc
+from s2match.evaluation.metrics import auc
 
 DPI = 100
 # Scenes larger than this (px, longest side of what is drawn) are downsampled for display: a 10980 px tile

@@ -1,0 +1,190 @@
+"""Seasonal pairs of tiles: the same ground on two dates, split by location, with an exact homography.
+
+Each pair gets a seeded random homography H (image0 px -> image1 px); image1 is the second date's tile warped by
+H, so the ground truth is exact whatever the scenes. Splits are by *location*: AOIs whose footprints touch form
+one location group, and a group lies wholly in one split, so no ground of a test AOI is seen in training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import rasterio
+
+from s2match.fileio import atomic_path
+from s2match.geo.georef import boxes_intersect
+from s2match.geo.homography import random_homography, warp_image
+
+log = logging.getLogger(__name__)
+
+SEASONS = ["winter", "spring", "summer", "autumn"]
+KM_PER_DEGREE = 111.32
+
+
+def season_kind(season0: str, season1: str) -> str:
+    """Order-free label of a pair's seasons, e.g. 'winter-summer', 'summer-summer'."""
+    first, second = sorted([season0, season1], key=lambda s: SEASONS.index(s) if s in SEASONS else len(SEASONS))
+    return f"{first}-{second}"
+
+
+def season_priority(kind: str) -> int:
+    """Lower comes first: winter-summer, other pairs with winter, other cross-season pairs, same season."""
+    first, second = kind.split("-")
+    if {first, second} == {"winter", "summer"}:
+        return 0
+    if "winter" in (first, second) and first != second:
+        return 1
+    return 2 if first != second else 3
+
+
+def location_groups(footprints: dict[str, tuple[float, float, float, float]], buffer_km: float) -> dict[str, str]:
+    """AOI -> location group: AOIs whose lon/lat boxes, grown by `buffer_km`, intersect (transitively)."""
+    parent = {aoi: aoi for aoi in footprints}
+    grown = {}
+    for aoi, (west, south, east, north) in footprints.items():
+        dlat = buffer_km / KM_PER_DEGREE
+        dlon = dlat / max(np.cos(np.radians((south + north) / 2)), 1e-6)
+        grown[aoi] = (west - dlon, south - dlat, east + dlon, north + dlat)
+
+    def root(aoi: str) -> str:
+        while parent[aoi] != aoi:
+            parent[aoi] = parent[parent[aoi]]
+            aoi = parent[aoi]
+        return aoi
+
+    for (a, box_a), (b, box_b) in combinations(sorted(grown.items()), 2):
+        if boxes_intersect(box_a, box_b):
+            parent[root(b)] = root(a)
+    return {aoi: root(aoi) for aoi in footprints}
+
+
+def assign_splits(groups: dict[str, str], val: list[str], test: list[str]) -> dict[str, str]:
+    """AOI -> split. Naming one AOI of a location group for val/test puts the whole group there."""
+    named = {**{aoi: "val" for aoi in val}, **{aoi: "test" for aoi in test}}
+    unknown = sorted(set(named) - set(groups))
+    if unknown:
+        log.warning("split names AOIs not in the catalogue: %s", ", ".join(unknown))
+    group_split: dict[str, str] = {}
+    for aoi, split in named.items():
+        if aoi not in groups:
+            continue
+        group = groups[aoi]
+        if group_split.get(group, split) != split:
+            raise ValueError(f"AOIs of location group {group} are named for both {group_split[group]} and {split}")
+        group_split[group] = split
+    return {aoi: group_split.get(group, "train") for aoi, group in groups.items()}
+
+
+@dataclass(frozen=True)
+class HomographySpec:
+    rotation_deg: float
+    scale: tuple[float, float]
+    shift_frac: float
+    perspective: float
+    min_overlap: float
+
+
+def pairs_for_tile(tiles: pd.DataFrame, max_pairs: int, rng: np.random.Generator) -> list[tuple[dict, dict, str]]:
+    """Up to `max_pairs` date pairs of one tile, cross-season first (random order within a priority)."""
+    candidates = []
+    for a, b in combinations(tiles.sort_values("date").to_dict("records"), 2):
+        kind = season_kind(a["season"], b["season"])
+        candidates.append((season_priority(kind), rng.random(), a, b, kind))
+    candidates.sort(key=lambda c: (c[0], c[1]))
+    return [(a, b, kind) for _, _, a, b, kind in candidates[:max_pairs]]
+
+
+def build_pairs(tiles: pd.DataFrame, splits: dict[str, str], groups: dict[str, str], max_pairs: dict[str, int],
+                spec: HomographySpec, seed: int) -> pd.DataFrame:
+    """The pair table: one row per (tile, date0, date1) with split, season kind and homography."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for tile_id, tile in tiles.groupby("tile_id", sort=True):
+        split = splits[tile["aoi"].iloc[0]]
+        for a, b in ((a, b) for a, b, _ in pairs_for_tile(tile, max_pairs[split], rng)):
+            # Alternate which date is image0 so that neither season is always the warped one.
+            if rng.random() < 0.5:
+                a, b = b, a
+            size = (int(a["width"]), int(a["height"]))
+            H = random_homography(rng, size, spec.rotation_deg, tuple(spec.scale), spec.shift_frac, spec.perspective,
+                                  spec.min_overlap)
+            rows.append({
+                "pair_id": f"{tile_id}_{a['scene_id']}_{b['scene_id']}", "split": split,
+                "aoi": a["aoi"], "location": groups[a["aoi"]], "tile_id": tile_id,
+                "season_kind": season_kind(a["season"], b["season"]),
+                "scene0": a["scene_id"], "scene1": b["scene_id"], "date0": a["date"], "date1": b["date"],
+                "season0": a["season"], "season1": b["season"], "path0": a["path"], "path1": b["path"],
+                "width": size[0], "height": size[1], "homography": json.dumps(np.round(H, 10).ravel().tolist()),
+            })
+    return pd.DataFrame(rows)
+
+
+def read_pairs(path: Path, split: str | None = None) -> pd.DataFrame:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: pair table not found (run the pairs stage)")
+    frame = pd.read_csv(path, dtype={"date0": str, "date1": str}, keep_default_na=False)
+    return frame if split is None else frame[frame["split"] == split].reset_index(drop=True)
+
+
+def pair_homography(row: dict) -> np.ndarray:
+    return np.asarray(json.loads(row["homography"]), dtype=np.float64).reshape(3, 3)
+
+
+def read_tile(path: str | Path) -> np.ndarray:
+    """(C, H, W) float32 tile (NaN = no data)."""
+    with rasterio.open(path) as src:
+        return src.read().astype(np.float32)
+
+
+def load_pair(row: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image0, image1, H) for a pair row: (C, H, W) reflectance (NaN = no data), image1 = tile1 warped by H."""
+    H = pair_homography(row)
+    image0 = read_tile(row["path0"])
+    tile1 = read_tile(row["path1"])
+    warped = np.stack([warp_image(channel, H, (int(row["width"]), int(row["height"]))) for channel in tile1])
+    return image0, warped, H
+
+
+def aoi_footprints(scenes: pd.DataFrame) -> dict[str, tuple[float, float, float, float]]:
+    """AOI -> lon/lat box enclosing its scenes."""
+    boxes = {}
+    for aoi, group in scenes.groupby("aoi"):
+        coords = np.array([json.loads(b) for b in group["bounds_lonlat"]])
+        boxes[aoi] = (coords[:, 0].min(), coords[:, 1].min(), coords[:, 2].max(), coords[:, 3].max())
+    return boxes
+
+
+def write_pairs(cfg, scenes: pd.DataFrame, tiles: pd.DataFrame, out_dir: Path) -> pd.DataFrame:
+    """Write pairs.csv and summary.json under `out_dir` (atomically, as a whole)."""
+    scenes = scenes[scenes["status"] == "ok"]
+    kept = tiles[tiles["kept"].astype(bool)]
+    dates_per_aoi = kept.groupby("aoi")["scene_id"].nunique()
+    single = sorted(dates_per_aoi[dates_per_aoi < 2].index)
+    for aoi in single:
+        log.warning("skipped AOI %s: a single date, nothing to pair", aoi)
+    groups = location_groups(aoi_footprints(scenes[scenes["aoi"].isin(kept["aoi"])]), cfg.location_buffer_km)
+    splits = assign_splits(groups, list(cfg.split.val), list(cfg.split.test))
+    spec = HomographySpec(**cfg.homography)
+    table = build_pairs(kept[~kept["aoi"].isin(single)], splits, groups, cfg.max_per_tile, spec, cfg.seed)
+    leaked = set(table[table["split"] == "train"]["location"]) & set(table[table["split"] != "train"]["location"])
+    if leaked:
+        raise ValueError(f"location groups in training and evaluation splits: {sorted(leaked)}")
+    summary = {
+        "pairs": len(table),
+        "per_split": table["split"].value_counts().sort_index().to_dict(),
+        "per_season_kind": table.groupby(["split", "season_kind"]).size().unstack(fill_value=0).to_dict("index"),
+        "location_groups": {g: sorted(a for a, h in groups.items() if h == g) for g in sorted(set(groups.values()))},
+        "splits": {split: sorted(a for a, s in splits.items() if s == split) for split in ("train", "val", "test")},
+        "skipped_aois": {aoi: "single date" for aoi in single},
+    }
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        table.to_csv(tmp / "pairs.csv", index=False)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=int))
+    return table

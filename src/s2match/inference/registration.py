@@ -1,0 +1,454 @@
+"""Register two scenes: the homography image0 px -> image1 px, coarse to fine, refined to a fraction of a pixel.
+
+The one registration path: `src/infer.py`, the `evaluate` stage, the benchmark and the time-series
+co-registration all call `register`, so what the evaluation measures is what users get.
+
+1. Prior: with both images georeferenced, pixel of image0 -> map -> image1's CRS -> pixel of image1 (a homography
+   fitted to it), which also gives the overlap and the orientation. Without, none.
+2. Coarse: image0's overlap and image1 (resampled into image0's frame by the prior) at ~`coarse_size` px, matched
+   by the two-view pipeline and robustly fitted. Without a prior, image1 is also tried at the other right angles
+   when the upright fit is weak, and the orientation with most inliers is kept.
+3. Second pass (`second_pass`): up to `max_tiles` full-resolution tiles of image0 (spread over the overlap, most
+   coarse inliers then most texture); for each, image1 is resampled into the tile's frame by the coarse transform
+   (only the window it needs is read), so the matcher sees two nearly aligned views at equal scale and
+   orientation; matches go back to full-resolution pixels of both images and one robust fit takes them all.
+4. Refinement (`refine`): image1 is resampled into each tile by that fit, and each inlier tie point is refined by
+   area correlation (s2match.twoview.refinement); the reliable refined tie points give the final fit.
+
+Pixel convention (OpenCV): (x, y), (0, 0) the centre of the top-left pixel; boxes (x0, y0, x1, y1) in pixel edges.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from s2match.geo.georef import frame_corners, map_shift_metres, overlap_box, prior_homography
+from s2match.geo.homography import residuals, warp_image, warp_points
+from s2match.inference.scenes import Box, Scene, box_to_pixels
+from s2match.twoview.estimators import FitResult, failure
+from s2match.twoview.pipeline import Timings, TwoViewPipeline, ViewMatches, grey, normalise, view_size
+from s2match.twoview.refinement import STATUS_DTYPE
+
+log = logging.getLogger(__name__)
+
+# Image1 windows are padded by this many pixels so bilinear resampling has both neighbours at the edge.
+WINDOW_PAD_PX = 2
+# A tile narrower than this share of tile_size (at the overlap's edge) has too little content to match.
+MIN_TILE_FRACTION = 0.25
+QUARTER_TURNS = (0, 1, 2, 3)
+
+
+@dataclass(frozen=True)
+class RegistrationSettings:
+    """conf/registration/: see the module docstring. `orientation_accept`: inliers of the upright coarse fit above
+    which the other right angles are not tried (without a prior); `refined_threshold`: inlier threshold (px) of the
+    final fit on refined tie points."""
+
+    coarse_size: int
+    tile_size: int
+    max_tiles: int
+    guide_tolerance: float
+    min_valid: float
+    second_pass: bool
+    refine: bool
+    search_orientation: bool
+    orientation_accept: int
+    refined_threshold: float
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> RegistrationSettings:
+        return cls(**{name: cfg[name] for name in cls.__dataclass_fields__})
+
+
+@dataclass
+class TiePoints:
+    """Refined tie points in full-resolution px of both images, their correlation quality and status."""
+
+    pts0: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
+    pts1: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
+    quality: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    status: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=STATUS_DTYPE))
+
+    @staticmethod
+    def concat(parts: list[TiePoints]) -> TiePoints:
+        if not parts:
+            return TiePoints()
+        return TiePoints(*(np.concatenate([getattr(p, name) for p in parts]) for name in
+                           ("pts0", "pts1", "quality", "status")))
+
+
+@dataclass
+class Registration:
+    """Everything a registration produced; `report` is what result.json holds. `matches` are the matcher's (full-res
+    px), `inliers` their mask under the matcher fit; `tie_points` the refined ones (all windows, with status)."""
+
+    report: dict
+    matches: ViewMatches
+    inliers: np.ndarray
+    H: np.ndarray | None
+    tie_points: TiePoints
+    tiles: list[Box]
+    timings: dict[str, float]
+
+    @property
+    def success(self) -> bool:
+        return bool(self.report["success"])
+
+
+class FeatureCache(dict):
+    """Features of views already extracted, keyed by (scene name, box, size, quarter turns): the second pass on a
+    scene no larger than the coarse overview reuses image0's, and evaluation methods that share an extractor share
+    them. Each entry keeps the seconds its extraction took, charged again on every reuse (as `reused_s` too, so
+    that a registration's total is what it would have cost alone)."""
+
+    def features(self, pipeline: TwoViewPipeline, key: tuple, view: np.ndarray, timings: Timings) -> dict:
+        full_key = (pipeline.extractor.name, id(pipeline.extractor), *key)
+        if full_key in self:
+            feats, seconds = self[full_key]
+            timings["reused_s"] = timings.get("reused_s", 0.0) + seconds
+        else:
+            start = time.perf_counter()
+            feats = pipeline.extractor(view)
+            seconds = time.perf_counter() - start
+            self[full_key] = (feats, seconds)
+        timings["extract_s"] = timings.get("extract_s", 0.0) + seconds
+        return feats
+
+
+def area_scale(H: np.ndarray, point: np.ndarray) -> float:
+    """Local linear scale of H at a point: sqrt |det J| (det J = det H / w^3)."""
+    w = np.r_[point, 1.0] @ H[2]
+    return math.sqrt(abs(np.linalg.det(H) / w**3))
+
+
+def guided_view(image1: Scene, guide: np.ndarray, box0: Box, out_size: tuple[int, int]
+                ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Image1 resampled into the frame of image0's `box0` at `out_size` (w, h), following `guide` (image0 px ->
+    image1 px): only the window of image1 the frame maps to is read, at about the frame's resolution. Returns the
+    view and its 3x3 map from view pixels to image1 pixels, or None when the frame misses image1."""
+    view_to_image1 = guide @ box_to_pixels(box0, out_size)
+    corners = warp_points(view_to_image1, frame_corners(*out_size))
+    if not np.all(np.isfinite(corners)):
+        return None
+    width1, height1 = image1.size
+    x0, y0 = np.floor(corners.min(axis=0) + 0.5) - WINDOW_PAD_PX
+    x1, y1 = np.ceil(corners.max(axis=0) + 0.5) + WINDOW_PAD_PX
+    box1 = (int(max(x0, 0)), int(max(y0, 0)), int(min(x1, width1)), int(min(y1, height1)))
+    if box1[2] <= box1[0] or box1[3] <= box1[1]:
+        return None
+    # Image1 pixels per view pixel: read coarser when image1 is finer than the view, never finer than native.
+    factor = max(1.0, area_scale(view_to_image1, np.array(out_size) / 2.0))
+    read_size = (max(1, math.ceil((box1[2] - box1[0]) / factor)), max(1, math.ceil((box1[3] - box1[1]) / factor)))
+    window = image1.read(box1, read_size)
+    window_to_view = np.linalg.inv(view_to_image1) @ box_to_pixels(box1, read_size)
+    view = warp_image(np.moveaxis(window, 0, -1), window_to_view, out_size)
+    view = view.reshape(out_size[1], out_size[0], -1)
+    return np.moveaxis(view, -1, 0), view_to_image1
+
+
+def turned(view: np.ndarray, quarter_turns: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (C, H, W) view turned by quarter_turns x 90 degrees counter-clockwise (np.rot90, exact) and the 3x3 map
+    from pixels of the turned view to pixels of the view."""
+    height, width = view.shape[1:]
+    if quarter_turns % 4 == 0:
+        return view, np.eye(3)
+    # Where three pixels of the view land once turned gives the affine map exactly.
+    index = np.arange(width * height, dtype=np.int64).reshape(height, width)
+    moved = np.rot90(index, quarter_turns)
+    samples = np.array([[0, 0], [moved.shape[1] - 1, 0], [0, moved.shape[0] - 1]])
+    source = np.array([[moved[y, x] % width, moved[y, x] // width] for x, y in samples], dtype=np.float32)
+    to_view = cv2.getAffineTransform(samples.astype(np.float32), source)
+    return np.ascontiguousarray(np.rot90(view, quarter_turns, axes=(1, 2))), np.r_[to_view, [[0, 0, 1]]]
+
+
+def candidate_tiles(box0: Box, tile_size: int) -> list[Box]:
+    """Full-resolution tiles (pixel-edge boxes) covering box0; slivers narrower than a quarter tile are left out."""
+    x0, y0, x1, y1 = box0
+    minimum = max(1, int(tile_size * MIN_TILE_FRACTION))
+    tiles = []
+    for ty in range(y0, y1, tile_size):
+        for tx in range(x0, x1, tile_size):
+            tile = (tx, ty, min(tx + tile_size, x1), min(ty + tile_size, y1))
+            if tile[2] - tile[0] >= minimum and tile[3] - tile[1] >= minimum:
+                tiles.append(tile)
+    return tiles
+
+
+def tile_scores(tiles: list[Box], overview0: np.ndarray, overview_box: Box, guide: np.ndarray,
+                size1: tuple[int, int], support_pts0: np.ndarray) -> dict[str, np.ndarray]:
+    """Per tile, from image0's overview and the coarse stage: `valid` share (image0 has data and the guide maps the
+    pixel into image1), `texture` (mean gradient magnitude of the normalised overview over valid pixels) and
+    `support` (coarse inliers inside: ground that matched across the dates, where texture alone would also pick
+    clouds)."""
+    height, width = overview0.shape[1:]
+    to_image0 = box_to_pixels(overview_box, (width, height))
+    flat = normalise(grey(overview0))[0] if overview0.shape[0] == 1 else normalise(grey(overview0)).mean(0)
+    gradient = np.hypot(cv2.Sobel(flat, cv2.CV_32F, 1, 0), cv2.Sobel(flat, cv2.CV_32F, 0, 1))
+    u, v = np.meshgrid(np.arange(width), np.arange(height))
+    in1 = warp_points(guide @ to_image0, np.c_[u.ravel(), v.ravel()]).reshape(height, width, 2)
+    valid = (np.all(np.isfinite(overview0), axis=0) & (in1[..., 0] >= -0.5) & (in1[..., 0] <= size1[0] - 0.5)
+             & (in1[..., 1] >= -0.5) & (in1[..., 1] <= size1[1] - 0.5))
+    to_overview = np.linalg.inv(to_image0)
+    scores: dict[str, list[float]] = {"valid": [], "texture": [], "support": []}
+    for tile in tiles:
+        (c0, r0), (c1, r1) = warp_points(to_overview, np.array([tile[:2], tile[2:]], float) - 0.5) + 0.5
+        rows = slice(int(np.clip(round(r0), 0, height - 1)), int(np.clip(round(r1), 1, height)))
+        cols = slice(int(np.clip(round(c0), 0, width - 1)), int(np.clip(round(c1), 1, width)))
+        cell = valid[rows, cols]
+        scores["valid"].append(float(cell.mean()) if cell.size else 0.0)
+        scores["texture"].append(float(gradient[rows, cols][cell].mean()) if cell.any() else 0.0)
+        scores["support"].append(float(np.sum(inside_box(support_pts0, tile))))
+    return {key: np.array(values) for key, values in scores.items()}
+
+
+def inside_box(pts: np.ndarray, box: Box) -> np.ndarray:
+    """Mask of the points (pixel centres) that lie in a pixel-edge box."""
+    x, y = pts[:, 0] + 0.5, pts[:, 1] + 0.5
+    return (x >= box[0]) & (x < box[2]) & (y >= box[1]) & (y < box[3])
+
+
+def select_tiles(tiles: list[Box], scores: dict[str, np.ndarray], box0: Box, max_tiles: int,
+                 min_valid: float) -> list[int]:
+    """Indices of at most max_tiles tiles: the overlap is cut into a near-square grid of max_tiles cells and each
+    cell gives its best tile with enough valid data (spread), then the best of the rest fill up. Best = most coarse
+    inliers, then most textured."""
+    rank = {i: (scores["support"][i], scores["texture"][i]) for i in range(len(tiles))}
+    eligible = sorted((i for i in rank if scores["valid"][i] >= min_valid), key=lambda i: rank[i], reverse=True)
+    if len(eligible) <= max_tiles:
+        return eligible
+    x0, y0, x1, y1 = box0
+    aspect = (x1 - x0) / max(y1 - y0, 1)
+    cols = max(1, min(max_tiles, round(math.sqrt(max_tiles * aspect))))
+    rows = max(1, max_tiles // cols)
+    best: dict[tuple[int, int], int] = {}
+    for i in eligible:  # best first: a cell keeps the first tile it sees
+        cx, cy = (tiles[i][0] + tiles[i][2]) / 2, (tiles[i][1] + tiles[i][3]) / 2
+        best.setdefault((min(int((cy - y0) / (y1 - y0) * rows), rows - 1),
+                         min(int((cx - x0) / (x1 - x0) * cols), cols - 1)), i)
+    chosen = sorted(best.values(), key=lambda i: rank[i], reverse=True)[:max_tiles]
+    rest = [i for i in eligible if i not in chosen]
+    return chosen + rest[: max_tiles - len(chosen)]
+
+
+@dataclass
+class _Coarse:
+    matches: ViewMatches  # full-res px
+    fit: FitResult
+    overview0: np.ndarray
+    threshold: float  # px of image1 the fit used
+    quarter_turns: int | None
+
+
+class _Registrar:
+    """One registration: the two scenes, the pipeline, the settings, the timings and the feature cache."""
+
+    def __init__(self, image0: Scene, image1: Scene, pipeline: TwoViewPipeline, settings: RegistrationSettings,
+                 cache: FeatureCache | None) -> None:
+        self.image0, self.image1, self.pipeline, self.settings = image0, image1, pipeline, settings
+        self.cache = cache if cache is not None else FeatureCache()
+        self.timings = Timings()
+
+    def features(self, side: int, box: Box, view: np.ndarray, turns: int = 0, guide: np.ndarray | None = None
+                 ) -> dict:
+        scene = self.image0 if side == 0 else self.image1
+        guide_key = None if guide is None else guide.round(9).tobytes()
+        return self.cache.features(self.pipeline, (scene.name, box, view_size(view), turns, guide_key), view,
+                                   self.timings)
+
+    def match(self, feats0: dict, feats1: dict, view0: np.ndarray, view1: np.ndarray) -> ViewMatches:
+        with self.timings.phase("match_s"):
+            return self.pipeline.match(feats0, feats1, view_size(view0), view_size(view1))
+
+    def fit(self, pts0: np.ndarray, pts1: np.ndarray, threshold: float | None = None) -> FitResult:
+        with self.timings.phase("fit_s"):
+            return self.pipeline.estimator.fit(pts0, pts1, threshold)
+
+    def coarse(self, box0: Box, prior: np.ndarray | None) -> _Coarse:
+        """Match image0's `box0` and image1 at ~coarse_size px; see the module docstring."""
+        settings, estimator = self.settings, self.pipeline.estimator
+        view0, to_image0 = self.image0.overview(box0, settings.coarse_size)
+        out_size = view_size(view0)
+        feats0 = self.features(0, box0, view0)
+        if prior is not None:
+            guided = guided_view(self.image1, prior, box0, out_size)
+            if guided is None:
+                return _Coarse(ViewMatches(), failure(0, "image1 has no data where the prior maps image0"), view0,
+                               estimator.threshold, None)
+            candidates = [(None, *guided)]
+        else:
+            overview1, overview_to_image1 = self.image1.overview((0, 0, *self.image1.size), settings.coarse_size)
+            turns = QUARTER_TURNS if settings.search_orientation else (0,)
+            candidates = [(k, *_turned_with_map(overview1, overview_to_image1, k)) for k in turns]
+        best = None
+        for turns, view1, to_image1 in candidates:
+            feats1 = self.features(1, (0, 0, *self.image1.size), view1, turns or 0,
+                                   guide=None if turns is not None else prior)
+            matches = self.match(feats0, feats1, view0, view1).mapped(to_image0, to_image1)
+            # image1 px per overview px: the fit threshold scales with the overview's coarseness
+            threshold = estimator.threshold * max(area_scale(to_image1, np.array(out_size) / 2.0), 1.0)
+            fit = self.fit(matches.pts0, matches.pts1, threshold)
+            if best is None or fit.n_inliers > best.fit.n_inliers:
+                best = _Coarse(matches, fit, view0, threshold, turns)
+            if turns == 0 and fit.n_inliers >= settings.orientation_accept:
+                break  # upright and strong: the other orientations would only cost time
+        return best
+
+    def second_pass(self, tiles: list[Box], guide: np.ndarray, radius_px: float) -> tuple[ViewMatches, list[dict]]:
+        """Match each full-resolution tile of image0 with image1 resampled into its frame by `guide`. The guide is
+        right to a few coarse pixels, so a match whose two ends lie more than `radius_px` apart in the tile's frame
+        is wrong (clouds, repeated patterns) and is dropped before the fit."""
+        parts, report = [], []
+        for tile in tqdm(tiles, desc="fine tiles", unit="tile", disable=len(tiles) < 2):
+            out_size = (tile[2] - tile[0], tile[3] - tile[1])
+            guided = guided_view(self.image1, guide, tile, out_size)
+            if guided is None:
+                report.append({"box": list(tile), "matches": 0, "near_guide": 0})
+                continue
+            view1, to_image1 = guided
+            view0 = self.image0.read(tile, out_size)
+            feats0 = self.features(0, tile, view0)
+            feats1 = self.features(1, tile, view1, guide=guide)
+            matches = self.match(feats0, feats1, view0, view1)
+            near = np.linalg.norm(matches.pts1 - matches.pts0, axis=1) <= radius_px
+            parts.append(matches.subset(near).mapped(box_to_pixels(tile, out_size), to_image1))
+            report.append({"box": list(tile), "matches": len(matches.pts0), "near_guide": int(near.sum())})
+        return ViewMatches.concat(parts), report
+
+    def refine(self, tiles: list[Box], H: np.ndarray, matches: ViewMatches, inliers: np.ndarray) -> TiePoints:
+        """Refined tie points of each tile, around the inliers of the fit H; see s2match.twoview.refinement."""
+        refiner, parts = self.pipeline.refiner, []
+        with self.timings.phase("refine_s"):
+            for tile in tiles:
+                out_size = (tile[2] - tile[0], tile[3] - tile[1])
+                here = inliers & inside_box(matches.pts0, tile)
+                if not here.any():
+                    continue
+                guided = guided_view(self.image1, H, tile, out_size)
+                if guided is None:
+                    continue
+                view1, to_image1 = guided
+                points = matches.pts0[here] - np.array(tile[:2], float)  # full res: view px = px - tile origin
+                chosen = refiner.spread(points, matches.scores[here], out_size)
+                if len(chosen) == 0:
+                    continue
+                refined = refiner.refine(self.image0.read(tile, out_size), view1, points[chosen])
+                parts.append(TiePoints(refined.points0 + np.array(tile[:2], float),
+                                       warp_points(to_image1, refined.points0 + refined.shifts),
+                                       refined.quality, refined.status))
+        return TiePoints.concat(parts)
+
+
+def _turned_with_map(overview: np.ndarray, to_image: np.ndarray, quarter_turns: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    view, to_overview = turned(overview, quarter_turns)
+    return view, to_image @ to_overview
+
+
+def residual_stats(errors: np.ndarray) -> dict[str, float]:
+    return {"count": int(len(errors)), "mean": float(errors.mean()), "median": float(np.median(errors)),
+            "rmse": float(np.sqrt(np.mean(errors**2))), "p90": float(np.percentile(errors, 90)),
+            "max": float(errors.max())}
+
+
+def register(image0: Scene, image1: Scene, pipeline: TwoViewPipeline, settings: RegistrationSettings,
+             cache: FeatureCache | None = None) -> Registration:
+    """Register image1 onto image0 (see the module docstring). Never raises for images that do not match: the
+    report then has `success` false and a `reason`."""
+    run = _Registrar(image0, image1, pipeline, settings, cache)
+    start = time.perf_counter()
+    report: dict = {"success": False, "reason": "", "images": [image0.describe(), image1.describe()]}
+    tie_points, tiles = TiePoints(), []
+
+    def finished(matches: ViewMatches, inliers: np.ndarray, H: np.ndarray | None) -> Registration:
+        timings = {**dict(run.timings), "total_s": time.perf_counter() - start + run.timings.get("reused_s", 0.0)}
+        report["timings"] = timings
+        return Registration(report, matches, inliers, H, tie_points, tiles, timings)
+
+    prior = None
+    if image0.grid.georeferenced and image1.grid.georeferenced:
+        fitted = prior_homography(image0.grid, image1.grid)
+        prior = fitted.H
+        report["prior"] = {"homography": prior.tolist(), "max_error_px": fitted.max_error_px}
+        box0 = overlap_box(prior, image0.size, image1.size)
+        if box0 is None:
+            report["reason"] = "the two images do not overlap (by their georeference)"
+            return finished(ViewMatches(), np.zeros(0, bool), None)
+    else:
+        box0 = (0, 0, *image0.size)
+    report["overlap_box0"] = list(box0)
+
+    with run.timings.phase("coarse_s"):
+        coarse = run.coarse(box0, prior)
+    report["coarse"] = {"matches": len(coarse.matches.pts0), "inliers": coarse.fit.n_inliers,
+                        "success": coarse.fit.success, "reason": coarse.fit.reason,
+                        "homography": coarse.fit.H.tolist() if coarse.fit.success else None,
+                        "quarter_turns": coarse.quarter_turns}
+    if coarse.fit.success:
+        guide = coarse.fit.H
+    elif prior is not None:
+        log.warning("coarse matching failed (%s); the fine stage follows the georeference", coarse.fit.reason)
+        guide = prior
+    else:
+        report["reason"] = f"no reliable transform: coarse matching failed ({coarse.fit.reason})"
+        return finished(coarse.matches, np.zeros(len(coarse.matches.pts0), bool), None)
+
+    candidates = candidate_tiles(box0, settings.tile_size)
+    scores = tile_scores(candidates, coarse.overview0, box0, guide, image1.size, coarse.matches.pts0[coarse.fit.inliers])
+    tiles = [candidates[i] for i in select_tiles(candidates, scores, box0, settings.max_tiles, settings.min_valid)]
+    report["tiles"] = {"candidates": len(candidates), "used": len(tiles)}
+    if settings.second_pass:
+        # image0 pixels per coarse overview pixel: the guide's accuracy is a few of them
+        radius = settings.guide_tolerance * max(1.0, (box0[2] - box0[0]) / coarse.overview0.shape[2])
+        with run.timings.phase("fine_s"):
+            matches, per_tile = run.second_pass(tiles, guide, radius)
+        report["tiles"].update(guide_radius_px=radius, per_tile=per_tile)
+        fit = run.fit(matches.pts0, matches.pts1)
+    else:
+        matches, fit = coarse.matches, coarse.fit
+    report["matcher"] = {"matches": len(matches.pts0), "inliers": fit.n_inliers, "success": fit.success,
+                         "reason": fit.reason, "layers": matches.layers}
+    H, used = fit.H, "matches"
+    if fit.success and settings.refine:
+        tie_points = run.refine(tiles, fit.H, matches, fit.inliers)
+        reliable = tie_points.status == "ok"
+        refit = run.fit(tie_points.pts0[reliable], tie_points.pts1[reliable], settings.refined_threshold)
+        report["refinement"] = {"windows": int(len(tie_points.status)), "reliable": int(reliable.sum()),
+                                "rejected": {reason: int(np.sum(tie_points.status == reason))
+                                             for reason in ("no data", "low correlation", "shift too large")},
+                                "inliers": refit.n_inliers, "used": refit.success, "reason": refit.reason}
+        if refit.success:
+            H, used = refit.H, "refined tie points"
+            keep = np.flatnonzero(reliable)[refit.inliers]
+            tie_points.status[np.flatnonzero(reliable)[~refit.inliers]] = "outlier"
+            support0, support1 = tie_points.pts0[keep], tie_points.pts1[keep]
+        else:
+            log.warning("refinement not used (%s): the transform rests on the matches", refit.reason)
+    if H is None:
+        report["reason"] = f"no reliable transform: {fit.reason}"
+        return finished(matches, fit.inliers, None)
+    if used == "matches":
+        support0, support1 = matches.pts0[fit.inliers], matches.pts1[fit.inliers]
+    report.update(success=True, homography=H.tolist(), fitted_on=used, inliers=int(len(support0)),
+                  matches=len(matches.pts0), residuals_px=residual_stats(residuals(H, support0, support1)))
+    if prior is not None:
+        centre = np.array([[(box0[0] + box0[2]) / 2 - 0.5, (box0[1] + box0[3]) / 2 - 0.5]])
+        report["correction_px_at_centre"] = (warp_points(H, centre) - warp_points(prior, centre))[0].tolist()
+        # the robust local estimate of the misregistration: where the tie points are, not where H extrapolates
+        offsets = support1 - warp_points(prior, support0)
+        report["shift_px"] = {"source": used, "median": np.median(offsets, axis=0).tolist(),
+                              "mad": np.median(np.abs(offsets - np.median(offsets, axis=0)), axis=0).tolist()}
+        shift = map_shift_metres(image0.grid, image1.grid, support0, support1)
+        report["shift_m"] = {"source": used, "count": int(len(shift)),
+                             "dx_median": float(np.median(shift[:, 0])), "dy_median": float(np.median(shift[:, 1])),
+                             "dx_mad": float(np.median(np.abs(shift[:, 0] - np.median(shift[:, 0])))),
+                             "dy_mad": float(np.median(np.abs(shift[:, 1] - np.median(shift[:, 1]))))}
+    return finished(matches, fit.inliers, H)

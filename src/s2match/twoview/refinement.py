@@ -1,0 +1,146 @@
+"""Sub-pixel refinement of tie points by area correlation in the rectified frame (conf/refinement/).
+
+Once a robust fit H is known, image1 resampled by H lies on image0's frame to within a pixel or two. Around each
+tie point, a window of image0 and the same window of the rectified image1 are compared by upsampled cross-
+correlation (scikit-image's `phase_cross_correlation`, Guizar-Sicairos et al. 2008), twice: the second time on the
+window of image1 resampled at the first estimate, so the estimate does not lock onto whole pixels.
+
+What is correlated is not the brightness but the gradient orientation field z = g^2 / |g| (g = dI/dx + i dI/dy):
+its magnitude is the edge strength and its phase twice the edge direction, so a field edge that is dark against
+bright in winter and bright against dark in summer (contrast inversion under snow) looks the same in both.
+
+A window is used only when its correlation is unambiguous: both windows hold data, the normalised correlation of
+the two fields at the found shift reaches `min_quality` (a featureless, cloud-covered or changed patch does not),
+and the shift stays within `max_shift` px. Rejected windows are counted by reason, never used.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+from skimage.registration import phase_cross_correlation
+
+REASONS = ("ok", "no data", "low correlation", "shift too large")
+STATUS_DTYPE = "<U16"  # room for every status, "outlier" of the final fit included
+
+
+def orientation_field(view: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """(real, imaginary) float32 planes of z = g^2 / |g| of a (C, H, W) view's mean band, and its valid mask."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels stay NaN
+        image = np.nanmean(view, axis=0) if view.shape[0] > 1 else view[0]
+    valid = np.isfinite(image)
+    filled = np.where(valid, image, np.nanmedian(image) if valid.any() else 0.0).astype(np.float32)
+    smooth = cv2.GaussianBlur(filled, (0, 0), sigma)
+    gx = cv2.Sobel(smooth, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(smooth, cv2.CV_32F, 0, 1, ksize=3)
+    magnitude = np.maximum(np.hypot(gx, gy), np.finfo(np.float32).tiny)
+    return np.stack([(gx * gx - gy * gy) / magnitude, 2 * gx * gy / magnitude]), valid
+
+
+def _window(planes: np.ndarray, centre: np.ndarray, size: int) -> np.ndarray:
+    """Complex (size, size) window of a field centred at `centre` (x, y), bilinear between pixels."""
+    centre = (float(centre[0]), float(centre[1]))
+    real = cv2.getRectSubPix(planes[0], (size, size), centre)
+    imag = cv2.getRectSubPix(planes[1], (size, size), centre)
+    return real + 1j * imag
+
+
+@dataclass(frozen=True)
+class RefinedPoints:
+    """Per tie point: the window centre in view0 px (a pixel corner-free position: integer pixels of view0 are
+    sampled exactly), its shift into the rectified view1, the correlation quality and the status (REASONS)."""
+
+    points0: np.ndarray  # (N, 2)
+    shifts: np.ndarray  # (N, 2): the ground at points0 in view0 lies at points0 + shift in the rectified view1
+    quality: np.ndarray  # (N,)
+    status: np.ndarray  # (N,) str
+
+    @property
+    def reliable(self) -> np.ndarray:
+        return self.status == "ok"
+
+    def counts(self) -> dict[str, int]:
+        return {reason: int(np.sum(self.status == reason)) for reason in REASONS}
+
+
+@dataclass(frozen=True)
+class TiePointRefiner:
+    """Area-based sub-pixel refinement of tie points (see the module docstring).
+
+    window: side of the correlated windows (px of the view); iterations: correlations per window, each on the
+    window resampled at the estimate so far; upsample: sub-pixel resolution of one correlation (1 / upsample px);
+    min_quality: normalised correlation of the orientation fields needed to use a window; max_shift: px; sigma:
+    Gaussian smoothing (px) before the gradients; max_points: windows per view at most, spread over it.
+    """
+
+    window: int
+    iterations: int
+    upsample: int
+    min_quality: float
+    max_shift: float
+    sigma: float
+    max_points: int
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> TiePointRefiner:
+        return cls(int(cfg["window"]), int(cfg["iterations"]), int(cfg["upsample"]), float(cfg["min_quality"]),
+                   float(cfg["max_shift"]), float(cfg["sigma"]), int(cfg["max_points"]))
+
+    def spread(self, points: np.ndarray, scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """Indices of at most max_points points inside the view with a whole window around them, the best scored
+        per cell of a grid of half-window cells (windows barely overlap, so each adds its own evidence)."""
+        half = self.window / 2 + 1
+        inside = np.flatnonzero((points[:, 0] >= half) & (points[:, 0] <= size[0] - 1 - half)
+                                & (points[:, 1] >= half) & (points[:, 1] <= size[1] - 1 - half))
+        order = inside[np.argsort(-scores[inside], kind="stable")]
+        if len(order) == 0:
+            return order
+        cells = np.floor(points[order] / (self.window / 2)).astype(np.int64)
+        _, first = np.unique(cells, axis=0, return_index=True)  # first in `order`: the best scored of its cell
+        return order[np.sort(first)][: self.max_points]
+
+    def refine(self, view0: np.ndarray, view1: np.ndarray, points: np.ndarray) -> RefinedPoints:
+        """Shifts that bring the rectified `view1` onto `view0` at each of `points` (view px; both views (C, H, W)
+        on one frame)."""
+        field0, valid0 = orientation_field(view0, self.sigma)
+        field1, valid1 = orientation_field(view1, self.sigma)
+        valid = cv2.erode((valid0 & valid1).astype(np.uint8), np.ones((self.window + 3,) * 2, np.uint8),
+                          borderValue=0).astype(bool)
+        taper = np.outer(np.hanning(self.window), np.hanning(self.window))
+        # Window centres at pixel centres + 0.5: an even window of view0 is then cut from whole pixels.
+        centres = np.floor(points) + 0.5
+        shifts = np.zeros_like(centres)
+        quality = np.zeros(len(centres))
+        status = np.full(len(centres), "ok", dtype=STATUS_DTYPE)
+        for i, centre in enumerate(centres):
+            column, row = int(centre[0]), int(centre[1])
+            if not valid[row, column]:
+                status[i] = "no data"
+                continue
+            reference = _window(field0, centre, self.window) * taper
+            shift = np.zeros(2)
+            for _ in range(self.iterations):
+                moving = _window(field1, centre + shift, self.window) * taper
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # its RMS error is undefined for complex input; unused
+                    found, _, _ = phase_cross_correlation(reference, moving, upsample_factor=self.upsample,
+                                                          normalization=None, disambiguate=False)
+                shift -= found[::-1]  # (row, col) of moving -> reference; the ground moved the other way
+                if np.abs(shift).max() > self.max_shift:
+                    break
+            shifts[i] = shift
+            if np.abs(shift).max() > self.max_shift:
+                status[i] = "shift too large"
+                continue
+            moving = _window(field1, centre + shift, self.window) * taper
+            norm = np.sqrt(np.sum(np.abs(reference) ** 2) * np.sum(np.abs(moving) ** 2))
+            quality[i] = float(np.abs(np.vdot(moving, reference)) / norm) if norm > 0 else 0.0
+            if quality[i] < self.min_quality:
+                status[i] = "low correlation"
+        return RefinedPoints(centres, shifts, quality, status)
