@@ -5,10 +5,12 @@ One ThreadingHTTPServer on 127.0.0.1 (random free port) speaks, with the real re
   GET  /odata/v1/Products?$filter=...       OData search, {"value": [...], "@odata.nextLink": ...}
   GET  /odata/v1/Products(id)/Nodes(..)/Nodes   Nodes listing, {"result": [...]}
   GET  /odata/v1/Products(id)/Nodes(..)/$value  307 redirect to /zipper/..., which serves the bytes
+  GET  /stac                                 STAC API landing page (conformance classes, search links)
   POST /stac/search                          STAC item search with rel=next POST paging
   GET|HEAD /files/<name>                     static files (GeoTIFFs) with Range support
-Faults can be queued per file name (429, 503, truncate) and tokens can be made to expire after a
-number of uses, so the client's retry / resume / refresh paths are exercised for real.
+Faults can be queued per file name or "stac/search" (429, 503, truncate; drop: hang up before answering; stall: answer
+after `stall_s`) and tokens can be made to expire after a number of uses, so the client's retry /
+resume / refresh paths are exercised for real.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import sys
 import threading
 import time
 from collections import defaultdict, deque
@@ -35,12 +38,13 @@ class FakeCopernicus:
         self.products: list[dict] = []  # OData product records
         self.trees: dict[str, dict[str, bytes]] = {}  # product id -> {"A.SAFE/GRANULE/g/...": bytes}
         self.listed_size: dict[str, int] = {}  # file name -> ContentLength to announce instead
-        self.faults: dict[str, deque] = defaultdict(deque)  # file name -> "429" | "503" | "truncate"
+        self.faults: dict[str, deque] = defaultdict(deque)  # file name -> 429|503|truncate|drop|stall
         self.stac_items: list[dict] = []
         self.static: dict[str, bytes] = {}
         self.token_max_uses: int | None = None  # an access token answers 401 after this many uses
         self.expires_in = 600
         self.value_delay_s = 0.0
+        self.stall_s = 0.0
         self.grants: list[str] = []
         self.requests: list[tuple[str, str]] = []  # (method, path with query)
         self.range_requests: list[str] = []
@@ -58,8 +62,7 @@ class FakeCopernicus:
         class Handler(_Handler):
             server_state = fake
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", 0), Handler)
         threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
         return self
 
@@ -169,6 +172,26 @@ class FakeCopernicus:
             for name, (size, count) in sorted(children.items())
         ]}
 
+    def stac_landing_page(self) -> dict:
+        """What Earth Search v1 answers at its root, trimmed to what a STAC API client reads."""
+        api = f"{self.url}/stac"
+        return {
+            "type": "Catalog", "stac_version": "1.0.0", "id": "earth-search-aws", "title": "Earth Search by Element 84",
+            "description": "A STAC API of public datasets on AWS",
+            "conformsTo": [f"https://api.stacspec.org/v1.0.0/{c}" for c in (
+                "core", "collections", "ogcapi-features", "item-search", "item-search#query", "item-search#sort",
+                "item-search#fields")] + ["http://www.opengis.net/spec/ogcapi-features-1/1.0/conf/core",
+                                         "http://www.opengis.net/spec/ogcapi-features-1/1.0/conf/geojson"],
+            "links": [
+                {"rel": "self", "type": "application/json", "href": api},
+                {"rel": "root", "type": "application/json", "href": api},
+                {"rel": "conformance", "type": "application/json", "href": f"{api}/conformance"},
+                {"rel": "data", "type": "application/json", "href": f"{api}/collections"},
+                {"rel": "search", "type": "application/geo+json", "method": "GET", "href": f"{api}/search"},
+                {"rel": "search", "type": "application/geo+json", "method": "POST", "href": f"{api}/search"},
+            ],
+        }
+
     def search_stac(self, body: dict) -> dict:
         start, end = (_ts(t) for t in body["datetime"].split("/"))
         query = body.get("query", {})
@@ -197,6 +220,14 @@ class FakeCopernicus:
                 "numberMatched": len(matches), "numberReturned": len(matches[offset:offset + limit])}
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that timed out and hung up is expected
+            super().handle_error(request, client_address)
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # headers and body go out in separate writes: avoid 40 ms ACK stalls
@@ -214,6 +245,8 @@ class _Handler(BaseHTTPRequestHandler):
             status, doc = fake.issue_token(form)
             return self._json(status, doc)
         if self.path == "/stac/search":
+            if self._fault("stac/search") in ("drop", "429", "503"):
+                return None
             return self._json(200, fake.search_stac(json.loads(body)), "application/geo+json")
         self._json(404, {"detail": "not found"})
 
@@ -224,6 +257,8 @@ class _Handler(BaseHTTPRequestHandler):
         fake = self.server_state
         fake.requests.append(("HEAD" if head else "GET", self.path))
         parts = urlsplit(self.path)
+        if parts.path == "/stac":
+            return self._json(200, fake.stac_landing_page())
         if parts.path == "/odata/v1/Products":
             return self._json(200, fake.search_products({k: v[0] for k, v in parse_qs(parts.query).items()}))
         if parts.path.startswith("/files/"):
@@ -252,14 +287,26 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(404, {"detail": "no such file"})
         return self._bytes(path.rsplit("/", 1)[-1], data, head)
 
-    def _bytes(self, name: str, data: bytes, head: bool):
+    def _fault(self, name: str) -> str | None:
+        """Play the next fault queued for `name`; the fault, if it was answered here, else None or "truncate"."""
         fake = self.server_state
         fault = fake.faults[name].popleft() if fake.faults[name] else None
-        if fault in ("429", "503"):
+        if fault == "drop":
+            self.close_connection = True
+        elif fault == "stall":  # the client has given up when this answer goes out
+            time.sleep(fake.stall_s)
+            return None
+        elif fault in ("429", "503"):
             self.send_response(int(fault))
             self.send_header("Retry-After", "0")
             self.send_header("Content-Length", "0")
             self.end_headers()
+        return fault
+
+    def _bytes(self, name: str, data: bytes, head: bool):
+        fake = self.server_state
+        fault = self._fault(name)
+        if fault in ("drop", "429", "503"):
             return
         start = 0
         if "Range" in self.headers:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import socket
 from pathlib import Path
 
 import pytest
-import requests
+import urllib3
 from omegaconf import OmegaConf
 
 from fake_cdse import PASSWORD, USERNAME, FakeCopernicus
+from s2match.config import compose_config
 from s2match.data.sources import choose_scenes
 from s2match.data.sources import cdse
 from s2match.data.sources.aoi import parse_aoi
@@ -18,7 +20,6 @@ from s2match.data.sources.http import (
     Checksum, FileJob, HttpError, IntegrityError, RetryPolicy, carries_auth, download, download_all,
 )
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "download" / "cdse.yaml"
 GRANULE = "L2A_T36UYA_A018000_20190115T090321"
 
 
@@ -83,10 +84,12 @@ def credentials(monkeypatch, tmp_path):
     monkeypatch.setenv("CDSE_PASSWORD", PASSWORD)
 
 
-def make_cfg(fake: FakeCopernicus, **overrides):
-    cfg = OmegaConf.load(CONF)
-    cfg.api.odata_url = cfg.api.download_url = f"{fake.url}/odata/v1"
-    cfg.api.token_url = f"{fake.url}/auth/token"
+def make_cfg(server: FakeCopernicus | str, **overrides):
+    """The cdse config pointed at `server` (the fake, or a base URL that nothing answers)."""
+    base = server if isinstance(server, str) else server.url
+    cfg = compose_config(["download=cdse"]).download
+    cfg.api.odata_url = cfg.api.download_url = f"{base}/odata/v1"
+    cfg.api.token_url = f"{base}/auth/token"
     cfg.api.netrc_machine = "127.0.0.1"
     cfg.api.auth_domains = []
     cfg.merge_with({"retries": 4, "backoff_s": 0.001, "backoff_max_s": 0.01, "timeout_s": 5, "page_size": 2})
@@ -106,12 +109,12 @@ def band_path(dest: Path, product: int, folder: str, band: str) -> Path:
 def test_search_follows_paging_and_keeps_one_orbit(fake):
     cfg = make_cfg(fake)
     policy = RetryPolicy.from_cfg(cfg)
-    candidates = cdse.search(cfg, parse_aoi(cfg.aoi), requests.Session(), policy)
+    candidates = cdse.search(cfg, parse_aoi(cfg.aoi), policy.session(), policy)
     assert {s.id for s in candidates["winter"]} == {p[0] for p in PRODUCTS[:3]}
     assert {s.id for s in candidates["summer"]} == {PRODUCTS[5][0], PRODUCTS[6][0]}
     assert sum("%24skip" in path for _, path in fake.requests) >= 1, "second page never requested"
     winter = next(s for s in candidates["winter"] if s.id == WINTER_ID)
-    assert (winter.tile, winter.relative_orbit, winter.processing_baseline) == ("36UYA", 7, "02.11")
+    assert (winter.tile, winter.relative_orbit, winter.processing_baseline) == ("36UYA", 7, 2.11)
     chosen = choose_scenes(candidates)
     # The clearest winter scene is on orbit 107, but only orbit 7 is clear in both seasons.
     assert (chosen["winter"].id, chosen["summer"].id) == (WINTER_ID, SUMMER_ID)
@@ -171,6 +174,47 @@ def test_429_and_503_are_retried(fake, credentials, tmp_path):
     assert sum(b04 in p for p in value_requests(fake)) == 4
 
 
+def test_dropped_and_stalled_requests_are_retried(fake, credentials, tmp_path):
+    b04 = f"T36UYA_{PRODUCTS[1][1]}_B04_10m.jp2"
+    fake.faults[b04].extend(["drop", "stall", "drop"])
+    fake.stall_s = 1.0
+    cdse.fetch(make_cfg(fake, timeout_s=0.3), tmp_path)
+    path = band_path(tmp_path, 1, "R10m", "B04_10m")
+    assert path.read_bytes() == fake.trees[WINTER_ID][path.relative_to(tmp_path).as_posix()]
+    assert sum(b04 in p for p in value_requests(fake)) == 4
+
+
+def closed_port() -> int:
+    """A localhost port with nothing listening (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("base, problem", [
+    ("http://catalogue.s2match.invalid", "the host name does not resolve; check the network connection"),
+    ("closed port", "cannot connect (connection refused); check the network connection"),
+    ("no answer", "no connection within 15 s; check the network connection, a firewall"),
+])
+def test_unreachable_host_fails_at_the_first_try(base, problem, credentials, monkeypatch, tmp_path):
+    connects = []
+    real_connect = urllib3.util.connection.create_connection
+
+    def counting_connect(address, *args, **kwargs):
+        connects.append(address)
+        if base == "no answer":  # what a host that drops packets looks like once the connect timeout is over
+            raise socket.timeout("timed out")
+        return real_connect(address, *args, **kwargs)
+
+    monkeypatch.setattr(urllib3.util.connection, "create_connection", counting_connect)
+    url = base if base.startswith("http") else f"http://127.0.0.1:{closed_port()}"
+    with pytest.raises(HttpError) as error:
+        cdse.fetch(make_cfg(url, retries=6, backoff_s=30.0, connect_timeout_s=15), tmp_path)
+    assert len(connects) == 1, "a connection that could not be opened was retried"
+    assert str(error.value).startswith(f"GET {url.removeprefix('http://')}: {problem}")
+    assert "\n" not in str(error.value)
+
+
 def test_truncated_download_resumes_with_range(fake, credentials, tmp_path):
     b08 = f"T36UYA_{PRODUCTS[1][1]}_B08_10m.jp2"
     fake.faults[b08].append("truncate")
@@ -194,15 +238,15 @@ def test_size_mismatch_is_rejected_and_removed(fake, credentials, tmp_path):
 def test_checksum_mismatch_is_rejected_and_file_removed(fake, tmp_path):
     data = _blob("checksum", 5_000)
     fake.static["granule_metadata.xml"] = data
-    policy = RetryPolicy(retries=2, backoff_s=0.001, backoff_max_s=0.01, timeout_s=5)
+    policy = RetryPolicy(retries=2, backoff_s=0.001, backoff_max_s=0.01, connect_timeout_s=5, timeout_s=5)
     wrong = FileJob(f"{fake.url}/files/granule_metadata.xml", tmp_path / "bad.xml",
                     checksum=Checksum("md5", hashlib.md5(b"other").hexdigest()))
     with pytest.raises(IntegrityError, match="md5 checksum differs"):
-        download(requests.Session(), wrong, policy)
+        download(policy.session(), wrong, policy)
     assert list(tmp_path.iterdir()) == []
     multihash = "1220" + hashlib.sha256(data).hexdigest()  # STAC file:checksum, sha2-256
     right = FileJob(wrong.url, tmp_path / "good.xml", size=len(data), checksum=Checksum.from_multihash(multihash))
-    assert download(requests.Session(), right, policy).read_bytes() == data
+    assert download(policy.session(), right, policy).read_bytes() == data
 
 
 def test_missing_credentials_name_what_to_set(fake, monkeypatch, tmp_path):
@@ -255,7 +299,7 @@ def test_at_most_four_parallel_connections(fake, credentials, tmp_path):
     assert len(value_requests(fake)) == 16  # 7 bands (SCL added) + MTD, 2 products
     assert 2 <= fake.max_active <= 4
     with pytest.raises(ValueError, match="max_workers=5"):
-        download_all([], RetryPolicy(), max_workers=5)
+        download_all([], RetryPolicy.from_cfg(make_cfg(fake)), max_workers=5)
 
 
 def test_l1c_takes_img_data_and_old_cloud_mask(fake, credentials, tmp_path):
@@ -296,8 +340,7 @@ def test_token_follows_redirects_only_to_trusted_hosts():
 
 
 def test_config_has_no_credential_keys():
-    cfg = OmegaConf.to_container(OmegaConf.load(CONF))
-    flat = repr(cfg).lower()
+    flat = repr(OmegaConf.to_container(compose_config(["download=cdse"]).download)).lower()
     assert "password" not in flat and "username" not in flat
 
 

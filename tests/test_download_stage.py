@@ -1,18 +1,25 @@
-"""The download stage with a remote source, end to end: fake CDSE serving real rasters -> catalogue -> bands."""
+"""The download stage with a remote source, end to end: fake CDSE serving real rasters -> catalogue -> bands;
+and what a user sees when the network, the host or the account fails (the stage script in a subprocess)."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+
 import numpy as np
 import pandas as pd
+import pytest
 import rasterio
 import rasterio.shutil
 from rasterio.io import MemoryFile
 
-from fake_cdse import FakeCopernicus
+from fake_cdse import PASSWORD, USERNAME, FakeCopernicus
+from s2match.config import PROJECT_ROOT, compose_config
 from s2match.data import composites as bands
 from s2match.data.catalogue import build_catalogue, write_catalogue
-from s2match.config import compose_config
-from test_cdse import GRANULE, credentials, l2a_name  # noqa: F401  (fixture)
+from test_cdse import GRANULE, credentials, fake, l2a_name  # noqa: F401  (fixtures)
 
 WINDOW = ((1000, 1256), (600, 856))
 STAMPS = {"winter": ("b0000000-0000-0000-0000-000000000001", "20230115T090321", 10.0),
@@ -65,3 +72,49 @@ def test_cdse_source_feeds_the_catalogue_and_bands(sample_dir, credentials, tmp_
         # DN carry the +1000 offset of baseline 05.09 (no data stays 0); BOA_ADD_OFFSET from the metadata removes it.
         expected = np.where(dn == 0, np.nan, dn.astype(np.float32) / 10000)
         np.testing.assert_allclose(out.read(1), expected, rtol=1e-5)
+
+
+def run_download(tmp_path, base_url: str, username: str | None, password: str | None):
+    """`pipeline/download.py download=cdse` against `base_url`, as a user runs it; credentials from the env."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CDSE_")}
+    env.update(HOME=str(tmp_path / "home"), PYTHONPATH=str(PROJECT_ROOT / "src"))
+    env.update({"CDSE_USERNAME": username, "CDSE_PASSWORD": password} if username else {})
+    overrides = [
+        "download=cdse", f"download.api.odata_url={base_url}/odata/v1",
+        f"download.api.download_url={base_url}/odata/v1", f"download.api.token_url={base_url}/auth/token",
+        "download.api.netrc_machine=127.0.0.1", "download.api.auth_domains=[]",
+        f"download.dest={tmp_path / 'raw'}", f"paths.catalogue={tmp_path / 'catalogue.csv'}",
+    ]
+    return subprocess.run([sys.executable, str(PROJECT_ROOT / "pipeline" / "download.py"), *overrides], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:  # bound, then released: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("case", ["unresolvable host", "closed port", "wrong password", "no credentials"])
+def test_network_and_account_failures_are_one_line(case, fake, tmp_path):  # noqa: F811
+    base, expected = {
+        "unresolvable host": ("http://catalogue.s2match.invalid",
+                              "GET catalogue.s2match.invalid: the host name does not resolve; check the network"),
+        "closed port": (f"http://127.0.0.1:{closed_port()}",
+                        ": cannot connect (connection refused); check the network"),
+        "wrong password": (fake.url, "refused the CDSE login (HTTP 401, invalid_grant): check CDSE_USERNAME"),
+        "no credentials": (fake.url, "CDSE credentials missing: set CDSE_USERNAME and CDSE_PASSWORD"),
+    }[case]
+    password = {"wrong password": "wrong-" + PASSWORD, "no credentials": None}.get(case, PASSWORD)
+    result = run_download(tmp_path, base, USERNAME if password else None, password)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert [line for line in lines if not line.startswith("INFO ")] == lines[-1:], "retries or extra lines"
+    assert lines[-1].startswith("error: ") and expected in lines[-1], lines[-1]
+    assert USERNAME not in result.stdout + result.stderr and PASSWORD not in result.stdout + result.stderr
+    assert not (tmp_path / "catalogue.csv").exists() and not (tmp_path / "raw").exists()
+    if case == "wrong password":
+        assert fake.grants == ["password"], "a refused login is not retried"
+    if case == "no credentials":
+        assert fake.requests == [], "nothing is searched before the credentials are known"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +17,13 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window, from_bounds
 
 from fake_cdse import FakeCopernicus
-from s2match.data.sources import Scene
+from s2match.config import compose_config
+from s2match.data.sources import DownloadError, Scene
 from s2match.data.sources import earth_search
 from s2match.data.sources.aoi import parse_aoi
+from s2match.data.sources.http import HttpError, RetryPolicy
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf" / "download" / "earth_search.yaml"
 SAMPLE = ROOT / "data" / "sample" / "jp2" / "T33UUU" / "20160608.jp2"
 CROP = Window(400, 600, 1024, 1024)  # 10.24 km of real L1C DN at 10 m
 METADATA = b"<n1:Level-2A_Tile_ID>sun and view angles</n1:Level-2A_Tile_ID>"
@@ -101,7 +104,8 @@ def aoi_in_crop(cogs, cols=(300, 520), rows=(410, 640)) -> list[float]:
 
 
 def make_cfg(fake, cogs, **overrides):
-    cfg = OmegaConf.load(CONF)
+    cfg = compose_config(["download=earth_search"]).download
+    OmegaConf.set_struct(cfg, False)  # overrides may add season windows
     cfg.api.stac_url = f"{fake.url}/stac"
     cfg.aoi = aoi_in_crop(cogs)
     cfg.tile = "33UUU"
@@ -146,6 +150,40 @@ def test_fetch_reads_only_the_aoi_window(fake, cogs, tmp_path):
     assert json.loads((winter / "item.json").read_text())["id"] == winter.name
 
 
+def test_search_pages_and_retries_through_pystac_client(fake, cogs):
+    fake.faults["stac/search"].extend(["503", "drop", "429"])
+    cfg = make_cfg(fake, cogs, retries=3)
+    candidates = earth_search.search(cfg, parse_aoi(cfg.aoi, cfg.tile), RetryPolicy.from_cfg(cfg))
+    assert {season: [s.id for s in scenes] for season, scenes in candidates.items()} == {
+        "winter": ["S2A_33UUU_20190105_0_L2A", "S2A_33UUU_20190115_0_L2A"],
+        "summer": ["S2B_33UUU_20190703_0_L2A", "S2A_33UUU_20190708_0_L2A"]}
+    searches = [path for method, path in fake.requests if (method, path) == ("POST", "/stac/search")]
+    assert len(searches) == 4 + 3, "one page per item (page_size 1), plus the 3 retried answers"
+    assert ("GET", "/stac") in fake.requests, "the landing page (conformance) was not read"
+    summer = candidates["summer"][1]
+    assert (summer.tile, summer.relative_orbit, summer.processing_baseline) == ("33UUU", 22, 4.0)
+
+
+@pytest.mark.parametrize("path, problem", [
+    (None, "GET 127.0.0.1:{port}: cannot connect (connection refused)"),
+    ("/nothing-here", "GET 127.0.0.1:{port}/nothing-here: HTTP 404"),
+])
+def test_unreachable_stac_api_is_one_line(path, problem, fake, cogs, tmp_path):
+    if path is None:
+        with socket.socket() as probe:  # a port with nothing listening
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        url = f"http://127.0.0.1:{port}/stac"
+    else:
+        port, url = fake.url.rsplit(":", 1)[1], fake.url + path
+    cfg = make_cfg(fake, cogs)
+    cfg.api.stac_url = url
+    with pytest.raises(HttpError) as error:
+        earth_search.fetch(cfg, tmp_path)
+    assert str(error.value).startswith(problem.format(port=port)) and "\n" not in str(error.value)
+    assert not any(tmp_path.iterdir())
+
+
 def test_rerun_skips_written_bands(fake, cogs, tmp_path):
     cfg = make_cfg(fake, cogs)
     earth_search.fetch(cfg, tmp_path)
@@ -158,9 +196,9 @@ def test_rerun_skips_written_bands(fake, cogs, tmp_path):
 
 def test_offset_tag_follows_provider_flag():
     item = {"properties": {"earthsearch:boa_offset_applied": True}}
-    scene = Scene("x", "x", "summer", "33UUU", 22, 1.0, __import__("datetime").datetime(2023, 1, 1), "05.09", item)
+    scene = Scene("x", "x", "summer", "33UUU", 22, 1.0, datetime(2023, 1, 1), 5.09, item)
     assert earth_search.band_tags(scene, "B04", "S2MSI2A")["ADD_OFFSET"] == "0"
-    unflagged = Scene("x", "x", "summer", "33UUU", 22, 1.0, scene.sensed, "05.09", {"properties": {}})
+    unflagged = Scene("x", "x", "summer", "33UUU", 22, 1.0, scene.sensed, 5.09, {"properties": {}})
     assert earth_search.band_tags(unflagged, "B04", "S2MSI2A")["ADD_OFFSET"] == "-1000"
     assert earth_search.band_tags(unflagged, "SCL", "S2MSI2A")["ADD_OFFSET"] == "0"
 
@@ -182,7 +220,7 @@ def test_aoi_outside_the_image_is_a_clear_error(fake, cogs, tmp_path):
 
 def test_empty_season_is_a_clear_error(fake, cogs, tmp_path):
     cfg = make_cfg(fake, cogs, seasons={"winter": ["2019-01-01", "2019-02-28"], "spring": ["2019-04-01", "2019-04-30"]})
-    with pytest.raises(LookupError, match="season\\(s\\) spring"):
+    with pytest.raises(DownloadError, match="season\\(s\\) spring"):
         earth_search.fetch(cfg, tmp_path)
 
 
@@ -214,5 +252,9 @@ def test_parse_aoi_rejects_bad_geojson_and_tile_conflict(tmp_path):
     broken.write_text("{not json")
     with pytest.raises(ValueError, match="broken.geojson: not valid GeoJSON"):
         parse_aoi(str(broken))
+    empty = tmp_path / "empty.geojson"
+    empty.write_text(json.dumps({"type": "FeatureCollection", "features": []}))
+    with pytest.raises(ValueError, match="empty.geojson: GeoJSON has no coordinates"):
+        parse_aoi(str(empty))
     with pytest.raises(ValueError, match="disagree"):
         parse_aoi("36UYA", tile="35UQR")

@@ -13,6 +13,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+from s2match.fileio import write_text
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = PROJECT_ROOT / "conf"
 PARAMS_FILE = PROJECT_ROOT / "params.yaml"
@@ -59,10 +61,7 @@ def render_params(cfg: DictConfig) -> str:
 
 def main() -> None:
     """Regenerate params.yaml from conf/ (run after editing conf/)."""
-    text = render_params(compose_config(sys.argv[1:]))
-    tmp = PARAMS_FILE.with_suffix(".yaml.tmp")
-    tmp.write_text(text)
-    tmp.replace(PARAMS_FILE)
+    write_text(PARAMS_FILE, render_params(compose_config(sys.argv[1:])))
     print(f"wrote {PARAMS_FILE.relative_to(PROJECT_ROOT)}")
 
 

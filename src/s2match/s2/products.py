@@ -11,7 +11,6 @@ A product is one acquisition of one tile, laid out in one of the ways users have
 
 from __future__ import annotations
 
-import re
 import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
@@ -22,8 +21,8 @@ from pathlib import Path
 import rasterio
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
-# ESA band order: `band_id` in the product metadata indexes this list.
-S2_BANDS = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12"]
+from s2match.s2.naming import BAND_FILE, LEVELS, S2_BANDS, SAFE_NAME
+
 TCI_BANDS = ["B04", "B03", "B02"]
 RASTER_SUFFIXES = {".jp2", ".tif", ".tiff"}
 # Pictures without georeference that inference also takes.
@@ -32,11 +31,6 @@ DEFAULT_QUANTIFICATION = 10000.0
 # Processing baseline 04.00 (25 January 2022) added an offset of -1000 to the DN of every band.
 OFFSET_BASELINE = 4.0
 BASELINE_OFFSET = -1000.0
-
-BAND_FILE = re.compile(
-    r"^(?:.*_)?T(?P<tile>\d{2}[A-Z]{3})_(?P<time>\d{8}T\d{6})_(?P<band>B\d[0-9A]|TCI|SCL)(?:_(?P<res>\d+)m)?$"
-)
-SAFE_NAME = re.compile(r"^S2[ABC]_MSI(?P<level>L1C|L2A)_(?P<time>\d{8}T\d{6})_N(?P<baseline>\d{4})_R\d{3}_T(?P<tile>\d{2}[A-Z]{3})")
 
 
 class ProductError(ValueError):
@@ -145,7 +139,7 @@ def open_loose(key: str, files: list[Path], tags: dict[str, str]) -> Product:
     baseline = float(tags["PROCESSING_BASELINE"]) if tags.get("PROCESSING_BASELINE") else None
     bands = _finest_per_band(files)
     offsets = {band: float(tags["ADD_OFFSET"]) for band in bands} if tags.get("ADD_OFFSET") else {}
-    level = {"S2MSI1C": "L1C", "S2MSI2A": "L2A"}.get(tags.get("PRODUCT", ""), "L1C")
+    level = LEVELS.get(tags.get("PRODUCT", ""), "L1C")
     if set(bands) == set(TCI_BANDS) and all(path.stem.endswith("TCI") for path, _ in bands.values()):
         level = "TCI"
     return Product(
@@ -181,7 +175,7 @@ def open_raster(path: Path, band_names: list[str] | None, tags: dict[str, str], 
     offsets = {name: float(tags["ADD_OFFSET"]) for name in names} if tags.get("ADD_OFFSET") else {}
     return Product(
         path=path,
-        level={"S2MSI1C": "L1C", "S2MSI2A": "L2A"}.get(tags.get("PRODUCT", ""), "unknown"),
+        level=LEVELS.get(tags.get("PRODUCT", ""), "unknown"),
         tile=tags.get("TILE"),
         acquired=parse_time(tags["DATE"]) if tags.get("DATE") else None,
         bands={name: (path, i + 1) for i, name in enumerate(names)},

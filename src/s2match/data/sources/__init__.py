@@ -9,17 +9,16 @@ the product folders written under `dest`.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 
 log = logging.getLogger(__name__)
 
-LEVEL_PRODUCT_TYPE = {"L1C": "S2MSI1C", "L2A": "S2MSI2A"}
 
-# Product names carry baseline, relative orbit and tile: S2A_MSIL2A_<t>_N0509_R106_T39QTA_<t>.SAFE
-_NAME_FIELDS = re.compile(r"_N(\d{2})(\d{2})_R(\d{3})_T(\d{2}[A-Z]{3})_")
+class DownloadError(ValueError):
+    """A download that cannot go on: network, service, account or an empty search. The message is one line
+    that names the host or setting and what to check; the entry scripts print it without a traceback."""
 
 
 @dataclass(frozen=True)
@@ -31,25 +30,8 @@ class Scene:
     relative_orbit: int | None
     cloud_cover: float
     sensed: datetime
-    processing_baseline: str | None  # "05.09"
+    processing_baseline: float | None  # 5.09 for N0509
     record: Mapping = field(default_factory=dict, compare=False, repr=False)  # raw catalogue entry
-
-
-def parse_product_name(name: str) -> tuple[str | None, int | None, str | None]:
-    """(processing baseline "05.09", relative orbit, tile) from a Sentinel-2 product name."""
-    match = _NAME_FIELDS.search(name)
-    if not match:
-        return None, None, None
-    major, minor, orbit, tile = match.groups()
-    return f"{major}.{minor}", int(orbit), tile
-
-
-def product_level(level: str) -> str:
-    """The product type (S2MSI1C / S2MSI2A) for a configured level, with a clear error otherwise."""
-    try:
-        return LEVEL_PRODUCT_TYPE[str(level).upper()]
-    except KeyError:
-        raise ValueError(f"level={level!r}: expected one of {sorted(LEVEL_PRODUCT_TYPE)}") from None
 
 
 def season_windows(seasons: Mapping) -> dict[str, tuple[date, date]]:
@@ -80,11 +62,11 @@ def choose_scenes(candidates: Mapping[str, Sequence[Scene]]) -> dict[str, Scene]
     """
     empty = [season for season, scenes in candidates.items() if not scenes]
     if empty:
-        raise LookupError(f"no Sentinel-2 scene found for season(s) {', '.join(empty)}: widen the window, "
+        raise DownloadError(f"no Sentinel-2 scene found for season(s) {', '.join(empty)}: widen the window, "
                           "raise max_cloud or check the AOI")
 
     def best(scenes: Sequence[Scene]) -> Scene:
-        return min(scenes, key=lambda s: (s.cloud_cover, -_baseline(s), s.sensed))
+        return min(scenes, key=lambda s: (s.cloud_cover, -(s.processing_baseline or 0.0), s.sensed))
 
     def score(key) -> tuple[int, float]:
         clouds = [best(m).cloud_cover for m in ([s for s in c if (s.tile, s.relative_orbit) == key]
@@ -104,13 +86,6 @@ def choose_scenes(candidates: Mapping[str, Sequence[Scene]]) -> dict[str, Scene]
         log.info("%s: %s (cloud %.1f%%, tile %s, orbit R%s)", season, pick.name, pick.cloud_cover,
                  pick.tile, pick.relative_orbit)
     return chosen
-
-
-def _baseline(scene: Scene) -> float:
-    try:
-        return float(scene.processing_baseline)
-    except (TypeError, ValueError):
-        return -1.0
 
 
 def _as_date(value, where: str) -> date:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import ListConfig
+from rasterio import features
 
 # Sentinel-2 tile ids: UTM zone 01-60, latitude band C-X (no I, O), 100 km square (no I, O).
 _TILE = re.compile(r"^T?(\d{1,2})([C-HJ-NP-X])([A-HJ-NP-Z]{2})$", re.IGNORECASE)
@@ -77,28 +77,9 @@ def _geojson_bounds(path: Path) -> BBox:
         doc = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: not valid GeoJSON ({exc})") from None
-    points = list(_positions(doc))
-    if not points:
-        raise ValueError(f"{path}: GeoJSON has no coordinates")
-    lons, lats = [p[0] for p in points], [p[1] for p in points]
-    return _check_bbox([min(lons), min(lats), max(lons), max(lats)], str(path))
-
-
-def _positions(node) -> Iterator[Sequence[float]]:
-    """Every [lon, lat] position in a GeoJSON object, whatever its nesting."""
-    if isinstance(node, dict):
-        if node.get("type") == "FeatureCollection":
-            for feature in node.get("features", []):
-                yield from _positions(feature)
-        elif node.get("type") == "Feature":
-            yield from _positions(node.get("geometry") or {})
-        elif node.get("type") == "GeometryCollection":
-            for geometry in node.get("geometries", []):
-                yield from _positions(geometry)
-        else:
-            yield from _positions(node.get("coordinates", []))
-    elif isinstance(node, list) and node and isinstance(node[0], (int, float)):
-        yield node
-    elif isinstance(node, list):
-        for child in node:
-            yield from _positions(child)
+    try:
+        box = features.bounds(doc)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError):
+        raise ValueError(f"{path}: GeoJSON has no coordinates (expected a geometry, Feature or "
+                         "FeatureCollection)") from None
+    return _check_bbox(list(box), str(path))

@@ -20,19 +20,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import requests
 
-from s2match.data.sources import (
-    Scene,
-    choose_scenes,
-    day_after,
-    parse_product_name,
-    product_level,
-    season_windows,
-)
+from s2match.data.sources import DownloadError, Scene, choose_scenes, day_after, season_windows
 from s2match.data.sources.aoi import Aoi, parse_aoi
 from s2match.data.sources.http import FileJob, HttpError, RetryPolicy, download_all, request
+from s2match.s2.naming import S2_BANDS, parse_product_name, product_type_of
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +39,12 @@ L2A_NATIVE_RESOLUTION = {
     "B8A": 20, "B09": 60, "B11": 20, "B12": 20, "SCL": 20, "AOT": 10, "WVP": 10, "TCI": 10,
 }
 L2A_RESOLUTIONS = (10, 20, 60)
-L1C_BANDS = frozenset({"B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12", "TCI"})
+L1C_BANDS = frozenset(S2_BANDS) | {"TCI"}
 L1C_CLOUD_MASK = "MSK_CLASSI_B00.jp2"  # processing baseline >= 04.00
 L1C_CLOUD_MASK_GML = "MSK_CLOUDS_B00.gml"  # older baselines
 
 
-class CdseAuthError(RuntimeError):
+class CdseAuthError(DownloadError):
     """Missing or refused CDSE credentials."""
 
 
@@ -93,7 +88,7 @@ class TokenAuth:
         self._client_id = client_id
         self._policy = policy
         self._margin_s = margin_s
-        self._session = requests.Session()
+        self._session = policy.session()
         self._lock = threading.Lock()
         self._access: str | None = None
         self._refresh: str | None = None
@@ -130,8 +125,8 @@ class TokenAuth:
         with response:
             if response.status_code in (400, 401):
                 raise CdseAuthError(
-                    f"CDSE token request refused (HTTP {response.status_code}, {_oauth_error(response)}): "
-                    f"check {USERNAME_ENV} / {PASSWORD_ENV} or the ~/.netrc entry"
+                    f"{urlsplit(self._token_url).netloc} refused the CDSE login (HTTP {response.status_code}, "
+                    f"{_oauth_error(response)}): check {USERNAME_ENV} / {PASSWORD_ENV} or the ~/.netrc entry"
                 )
             body = response.json()
         now = time.monotonic()
@@ -151,7 +146,7 @@ def fetch(cfg, dest: Path) -> list[Path]:
     credentials = load_credentials(cfg.api.netrc_machine)  # fail before a long search, not after
     aoi = parse_aoi(cfg.aoi, cfg.get("tile"))
     policy = RetryPolicy.from_cfg(cfg)
-    session = requests.Session()
+    session = policy.session()
     chosen = choose_scenes(search(cfg, aoi, session, policy))
     auth = TokenAuth(credentials, cfg.api.token_url, cfg.api.client_id, policy, float(cfg.token_margin_s))
     scenes = list({scene.id: scene for scene in chosen.values()}.values())
@@ -163,12 +158,12 @@ def fetch(cfg, dest: Path) -> list[Path]:
 
 def search(cfg, aoi: Aoi, session: requests.Session, policy: RetryPolicy) -> dict[str, list[Scene]]:
     """{season: candidate scenes} from the OData catalogue, following @odata.nextLink paging."""
-    product_type = product_level(cfg.level)
+    wanted_type = product_type_of(cfg.level)
     candidates = {}
     for season, (first, last) in season_windows(cfg.seasons).items():
         clauses = [
             "Collection/Name eq 'SENTINEL-2'",
-            _attribute("String", "productType", "eq", f"'{product_type}'"),
+            _attribute("String", "productType", "eq", f"'{wanted_type}'"),
             _attribute("Double", "cloudCover", "le", f"{float(cfg.max_cloud):.2f}"),
             f"ContentDate/Start ge {first.isoformat()}T00:00:00.000Z",
             f"ContentDate/Start lt {day_after(last).isoformat()}T00:00:00.000Z",
@@ -245,7 +240,7 @@ class _NodeTree:
         names = [n for n in self.names(folder) if n.endswith(suffix)]
         if len(names) != 1:
             where = "/".join((self._product,) + folder)
-            raise LookupError(f"{where}: expected one file ending in {suffix}, found {sorted(names) or 'none'}")
+            raise DownloadError(f"{where}: expected one file ending in {suffix}, found {sorted(names) or 'none'}")
         return names[0]
 
     def job(self, parts: tuple[str, ...]) -> FileJob:
@@ -262,7 +257,7 @@ def _pick_granule(granules: Mapping[str, dict], scene: Scene) -> str:
     # Products before late 2016 may hold several tiles' granules; the tile code picks ours.
     names = list(granules) if len(granules) == 1 else [g for g in granules if f"_T{scene.tile}_" in g]
     if len(names) != 1:
-        raise LookupError(f"{scene.name}: cannot tell the granule of tile {scene.tile} among {sorted(granules)}")
+        raise DownloadError(f"{scene.name}: cannot tell the granule of tile {scene.tile} among {sorted(granules)}")
     return names[0]
 
 
@@ -281,17 +276,18 @@ def _l2a_band(band: str) -> tuple[str, int]:
 
 def _scene(product: Mapping, season: str) -> Scene:
     name = product["Name"]
-    baseline, orbit, tile = parse_product_name(name)
+    parsed = parse_product_name(name)
     attributes = {a["Name"]: a.get("Value") for a in product.get("Attributes", [])}
+    orbit = attributes.get("relativeOrbitNumber") or (parsed and parsed.relative_orbit)
     return Scene(
         id=product["Id"],
         name=name,
         season=season,
-        tile=attributes.get("tileId") or tile,
-        relative_orbit=int(attributes.get("relativeOrbitNumber") or orbit or 0) or None,
+        tile=attributes.get("tileId") or (parsed and parsed.tile),
+        relative_orbit=int(orbit) if orbit else None,
         cloud_cover=float(attributes.get("cloudCover", 100.0)),
         sensed=datetime.fromisoformat(product["ContentDate"]["Start"]),
-        processing_baseline=baseline,
+        processing_baseline=parsed.processing_baseline if parsed else None,
         record=product,
     )
 

@@ -1,14 +1,19 @@
-"""Robust HTTP for the Sentinel-2 sources: retries, resumable downloads, integrity checks.
+"""Robust HTTP for the Sentinel-2 sources: retries, resumable downloads, integrity checks, one-line failures.
 
-Both catalogues (CDSE, Earth Search) go through `request`, so 429 / 5xx / dropped connections are
-handled once. `download_all` fetches whole files in parallel (at most 4 connections, CDSE's free
-quota), resumes partial files with HTTP Range from `<file>.part`, checks size / checksum, and only
-then moves the file into place, so a file that exists is a complete file and a re-run skips it.
+Every session both catalogues use (pystac-client's included) comes from `RetryPolicy`, which mounts
+urllib3's Retry: 429 / 5xx (honouring Retry-After), read timeouts and dropped connections are retried
+with exponential backoff. A connection that cannot be opened (refused, a host name that does not
+resolve, no answer within the connect timeout) is not retried: waiting does not fix it, and the user
+should hear at once. `request` adds what urllib3 does not: renewing the
+token on 401, and redirects that carry it only within trusted domains. `download_all` fetches whole files
+in parallel (at most 4 connections, CDSE's free quota), resumes partial files with HTTP Range from
+`<file>.part`, checks size / checksum, and only then moves the file into place, so a file that exists
+is a complete file and a re-run skips it. Failures are `HttpError`s of one line: host, what failed, what
+to check.
 """
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import logging
 import os
@@ -23,7 +28,15 @@ from typing import Protocol
 from urllib.parse import urljoin, urlsplit
 
 import requests
+from requests.adapters import HTTPAdapter
 from tqdm import tqdm
+from urllib3.exceptions import (
+    ConnectTimeoutError, MaxRetryError, NameResolutionError, NewConnectionError, ProtocolError, SSLError,
+)
+from urllib3.exceptions import TimeoutError as Urllib3Timeout
+from urllib3.util.retry import Retry
+
+from s2match.data.sources import DownloadError
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +48,11 @@ MAX_REDIRECTS = 10
 # Two refreshes in a row that still get 401 mean the account itself is refused.
 MAX_AUTH_REFRESHES = 2
 CHUNK_BYTES = 1 << 20
-TRANSIENT_ERRORS = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+# What can break a response body after its headers arrived (requests' names for urllib3's errors).
+BODY_ERRORS = (requests.exceptions.ChunkedEncodingError, requests.ConnectionError)
 
 
-class HttpError(RuntimeError):
+class HttpError(DownloadError):
     """A request that failed for good (after retries, or with a status that retrying cannot fix)."""
 
 
@@ -58,12 +72,25 @@ class Auth(Protocol):
     def refresh(self, rejected: Mapping[str, str]) -> None: ...
 
 
+class _Retry(Retry):
+    """urllib3's Retry, saying in the log which answer it retries (urllib3 only warns about broken connections)."""
+
+    def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):
+        retry = super().increment(method, url, response, error, _pool, _stacktrace)
+        if response is not None:
+            host = f"{_pool.host}:{_pool.port}" if _pool is not None else ""
+            log.warning("%s %s%s: HTTP %d; retrying (%s left)", method, host, _short(url or ""),
+                        response.status, retry.total)
+        return retry
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
-    retries: int = 5
-    backoff_s: float = 1.0
-    backoff_max_s: float = 60.0
-    timeout_s: float = 60.0
+    retries: int
+    backoff_s: float
+    backoff_max_s: float
+    connect_timeout_s: float
+    timeout_s: float
 
     @classmethod
     def from_cfg(cls, cfg) -> RetryPolicy:
@@ -71,15 +98,86 @@ class RetryPolicy:
             retries=int(cfg.retries),
             backoff_s=float(cfg.backoff_s),
             backoff_max_s=float(cfg.backoff_max_s),
+            connect_timeout_s=float(cfg.connect_timeout_s),
             timeout_s=float(cfg.timeout_s),
         )
 
-    def delay(self, attempt: int, retry_after: str | None = None) -> float:
-        """Seconds to wait before retry number `attempt` (0-based); the server's Retry-After wins."""
-        if retry_after:
-            return min(_parse_retry_after(retry_after), self.backoff_max_s)
-        # Jitter keeps parallel workers that failed together from retrying in lockstep.
+    @property
+    def timeouts(self) -> tuple[float, float]:
+        """(connect, read) timeouts as requests takes them."""
+        return self.connect_timeout_s, self.timeout_s
+
+    def retry(self) -> Retry:
+        """urllib3's retry rule for this policy (also what pystac-client's StacApiIO takes)."""
+        return _Retry(
+            total=self.retries,
+            # No connection (refused, a name that does not resolve, no route, no answer within
+            # connect_timeout_s, in which TCP has already resent its SYNs): waiting does not fix it, and
+            # the user should hear at once. TLS and other errors do not recover either.
+            connect=0,
+            other=0,
+            allowed_methods=None,  # every request the sources send may be repeated (searches, token, GET)
+            status_forcelist=RETRY_STATUSES,
+            raise_on_status=False,  # hand back the last 429 / 5xx: `request` words the error
+            backoff_factor=self.backoff_s,
+            backoff_max=self.backoff_max_s,
+            # Jitter keeps parallel workers that failed together from retrying in lockstep.
+            backoff_jitter=self.backoff_s,
+            retry_after_max=int(self.backoff_max_s),
+        )
+
+    def session(self) -> requests.Session:
+        """A session that retries by this policy; requests.Session is not thread-safe: one per thread."""
+        session = requests.Session()
+        adapter = HTTPAdapter(max_retries=self.retry())
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        return session
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before resuming a broken download for the `attempt`-th time (0-based)."""
         return min(self.backoff_s * 2**attempt, self.backoff_max_s) * random.uniform(0.5, 1.0)
+
+
+def failure_message(method: str, url: str, error: requests.RequestException, policy: RetryPolicy) -> str:
+    """One line for a request that got no answer: which host, what failed, what to check."""
+    host = urlsplit(url).netloc
+    reason = error.args[0] if error.args else error
+    reason = reason.reason if isinstance(reason, MaxRetryError) else reason
+    if isinstance(reason, NameResolutionError):
+        return (f"{method} {host}: the host name does not resolve; check the network connection, a proxy, "
+                "and the URLs under download.api")
+    if isinstance(reason, NewConnectionError):
+        cause = reason.__cause__ or reason.__context__
+        what = getattr(cause, "strerror", None) or "connection failed"
+        return (f"{method} {host}: cannot connect ({what.lower()}); check the network connection, a proxy, "
+                "and the URLs under download.api")
+    if isinstance(reason, ConnectTimeoutError) or isinstance(error, requests.ConnectTimeout):
+        return (f"{method} {host}: no connection within {policy.connect_timeout_s:g} s; check the network "
+                "connection, a firewall or proxy, and the URLs under download.api")
+    if isinstance(reason, Urllib3Timeout) or isinstance(error, requests.Timeout):
+        return (f"{method} {host}: no answer within {policy.timeout_s:g} s in {policy.retries + 1} tries; "
+                "the service may be down (try again later) or slow (raise download.timeout_s)")
+    if isinstance(reason, SSLError) or isinstance(error, requests.exceptions.SSLError):
+        return f"{method} {host}: TLS handshake failed; check the system certificates and any proxy"
+    if isinstance(reason, ProtocolError) or isinstance(error, requests.ConnectionError):
+        return (f"{method} {host}: the connection dropped in {policy.retries + 1} tries; "
+                "check the network connection and try again")
+    return f"{method} {host}: {type(error).__name__}; check the network connection and the URLs under download.api"
+
+
+def status_message(method: str, url: str, status: int, reason: str, policy: RetryPolicy) -> str:
+    """One line for a request the server refused: which host and path, the status, what to check."""
+    parts = urlsplit(url)
+    where = f"{method} {parts.netloc}{parts.path}: HTTP {status}" + (f" {reason}" if reason else "")
+    if status == 429:
+        return (f"{where} after {policy.retries + 1} tries; the service limits requests: "
+                "try again later or lower download.max_workers")
+    if status in RETRY_STATUSES:
+        return f"{where} after {policy.retries + 1} tries; the service is failing, try again later"
+    if status in (401, 403):
+        return f"{where}; the account may lack access to this product"
+    return f"{where}; check the URLs under download.api"
 
 
 @dataclass(frozen=True)
@@ -140,7 +238,7 @@ def request(
     headers: Mapping[str, str] | None = None,
     **kwargs,
 ) -> requests.Response:
-    """Send one request, retrying 429 / 5xx / dropped connections and renewing auth on 401.
+    """Send one request through a `policy.session()` (which retries), renewing auth on 401.
 
     Redirects are followed here rather than by requests, which drops the Authorization header on
     any host change: CDSE redirects downloads to another host of its own domain. The token follows
@@ -148,20 +246,14 @@ def request(
     """
     accept = frozenset(accept)
     trusted_domains = tuple(trusted_domains)
-    attempt = refreshes = 0
+    refreshes = 0
     while True:
         try:
             response = _send_following_redirects(
                 session, method, url, policy, auth, trusted_domains, dict(headers or {}), kwargs
             )
-        except TRANSIENT_ERRORS as exc:
-            if attempt >= policy.retries:
-                raise HttpError(f"{method} {_short(url)}: {type(exc).__name__} after {attempt + 1} tries") from None
-            wait = policy.delay(attempt)
-            log.warning("%s %s: %s; retrying in %.1f s", method, _short(url), type(exc).__name__, wait)
-            time.sleep(wait)
-            attempt += 1
-            continue
+        except requests.RequestException as exc:
+            raise HttpError(failure_message(method, url, exc, policy)) from None
         status = response.status_code
         if status < 400 or status in accept:
             return response
@@ -171,13 +263,7 @@ def request(
             auth.refresh(response.request.headers)
             refreshes += 1
             continue
-        if status in RETRY_STATUSES and attempt < policy.retries:
-            wait = policy.delay(attempt, response.headers.get("Retry-After"))
-            log.warning("%s %s: HTTP %d; retrying in %.1f s", method, _short(url), status, wait)
-            time.sleep(wait)
-            attempt += 1
-            continue
-        raise HttpError(f"{method} {_short(url)}: HTTP {status} {response.reason}")
+        raise HttpError(status_message(method, url, status, response.reason, policy))
 
 
 def download_all(
@@ -195,9 +281,8 @@ def download_all(
     local = threading.local()
 
     def run(job: FileJob) -> Path:
-        # requests.Session is not thread-safe: one per worker thread, reused across its jobs.
-        if not hasattr(local, "session"):
-            local.session = requests.Session()
+        if not hasattr(local, "session"):  # one per worker thread, reused across its jobs
+            local.session = policy.session()
         return download(local.session, job, policy, auth=auth, trusted_domains=trusted_domains)
 
     with ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="s2dl") as pool:
@@ -227,9 +312,11 @@ def download(
         try:
             _fetch_into(session, job, part, policy, auth, trusted_domains)
             break
-        except (IncompleteBody, *TRANSIENT_ERRORS) as exc:
+        except (IncompleteBody, *BODY_ERRORS) as exc:
             if attempt >= policy.retries:
-                raise HttpError(f"{path.name}: {type(exc).__name__} after {attempt + 1} tries") from None
+                raise HttpError(f"GET {urlsplit(job.url).netloc}: {path.name} broke off {attempt + 1} times "
+                                f"({type(exc).__name__}); try again later: the part received is kept and "
+                                "resumed") from None
             wait = policy.delay(attempt)
             have = part.stat().st_size if part.exists() else 0
             log.warning("%s: %s at %d bytes; resuming in %.1f s", path.name, type(exc).__name__, have, wait)
@@ -296,7 +383,7 @@ def _send_following_redirects(session, method, url, policy, auth, trusted_domain
         sent = dict(headers)
         if auth is not None and carries_auth(original, url, trusted_domains):
             sent.update(auth.headers())
-        response = session.request(method, url, headers=sent, allow_redirects=False, timeout=policy.timeout_s,
+        response = session.request(method, url, headers=sent, allow_redirects=False, timeout=policy.timeouts,
                                    auth=_no_netrc, **kwargs)
         if response.status_code not in REDIRECT_STATUSES or "Location" not in response.headers:
             return response
@@ -311,14 +398,6 @@ def _no_netrc(prepared: requests.PreparedRequest) -> requests.PreparedRequest:
     """An explicit no-op auth: without one, requests adds Basic auth from ~/.netrc for a matching host,
     which would replace the bearer token and send the CDSE password along."""
     return prepared
-
-
-def _parse_retry_after(value: str) -> float:
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        when = email.utils.parsedate_to_datetime(value)
-        return max(0.0, when.timestamp() - time.time())
 
 
 def _read_varint(raw: bytes, pos: int) -> tuple[int, int]:
