@@ -291,8 +291,8 @@ def draw_matches(
         if not mask.any():
             continue
         colours = np.tile(to_rgba(colour), (int(mask.sum()), 1))
-        colours[:, 3] = 0.45 + 0.5 * confidence[mask]
-        ax.add_collection(LineCollection(segments[mask], colors=colours, linewidths=1.0))
+        colours[:, 3] = 0.3 + 0.5 * confidence[mask]
+        ax.add_collection(LineCollection(segments[mask], colors=colours, linewidths=0.8))
         ends = segments[mask].reshape(-1, 2)
         ax.scatter(ends[:, 0], ends[:, 1], s=7, c=colour, edgecolors="black", linewidths=0.3)
     return _save(fig, path)

@@ -10,7 +10,7 @@ import cv2
 from jinja2 import Environment
 from omegaconf import OmegaConf
 
-JPEG_QUALITY = 90
+JPEG_QUALITY = 85
 # The pictures of a run, in the order the report shows them, with what each shows.
 PICTURES = {
     "matches.png": "Matches of the matcher (green: inliers of the matcher's fit, red: outliers; a random subset).",
@@ -149,13 +149,18 @@ def summary_tables(result: dict) -> dict[str, list[tuple[str, object]]]:
     return tables
 
 
-def embedded(png: Path) -> str:
-    """A picture as a data URI, JPEG-encoded: satellite imagery makes PNGs of megabytes, and the report should stay
-    small enough to attach (the PNGs beside it keep every pixel)."""
+def jpeg_bytes(png: Path) -> bytes:
+    """A picture JPEG-encoded: satellite imagery makes PNGs of megabytes, and the report (or a notebook) should stay
+    small enough to attach; the PNGs beside it keep every pixel."""
     ok, jpeg = cv2.imencode(".jpg", cv2.imread(str(png), cv2.IMREAD_COLOR), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
     if not ok:
-        raise ValueError(f"{png}: cannot encode the picture for the report")
-    return "data:image/jpeg;base64," + base64.b64encode(jpeg.tobytes()).decode("ascii")
+        raise ValueError(f"{png}: cannot encode the picture as JPEG")
+    return jpeg.tobytes()
+
+
+def embedded(png: Path) -> str:
+    """A picture as a JPEG data URI."""
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg_bytes(png)).decode("ascii")
 
 
 def write_report(folder: Path, result: dict) -> Path:
