@@ -6,8 +6,9 @@ co-registration all call `register`, so what the evaluation measures is what use
 1. Prior: with both images georeferenced, pixel of image0 -> map -> image1's CRS -> pixel of image1 (a homography
    fitted to it), which also gives the overlap and the orientation. Without, none.
 2. Coarse: image0's overlap and image1 (resampled into image0's frame by the prior) at ~`coarse_size` px, matched
-   by the two-view pipeline and robustly fitted. Without a prior, image1 is also tried at the other right angles
-   when the upright fit is weak, and the orientation with most inliers is kept.
+   by the two-view pipeline and robustly fitted. When that fit is weak, image1 is also tried with its contrast
+   inverted (snow-covered fields can turn dark against their hedges) and, without a prior to fix the
+   orientation, at the other right angles; the candidate with most inliers is kept.
 3. Second pass (`second_pass`): up to `max_tiles` full-resolution tiles of image0 (spread over the overlap, most
    coarse inliers then most texture); for each, image1 is resampled into the tile's frame by the coarse transform
    (only the window it needs is read), so the matcher sees two nearly aligned views at equal scale and
@@ -49,9 +50,9 @@ QUARTER_TURNS = (0, 1, 2, 3)
 
 @dataclass(frozen=True)
 class RegistrationSettings:
-    """conf/registration/: see the module docstring. `orientation_accept`: inliers of the upright coarse fit above
-    which the other right angles are not tried (without a prior); `refined_threshold`: inlier threshold (px) of the
-    final fit on refined tie points."""
+    """conf/registration/: see the module docstring. `search_accept`: inliers of the upright, same-contrast coarse
+    fit above which no other orientation (`search_orientation`) or contrast (`search_contrast`) is tried;
+    `refined_threshold`: inlier threshold (px) of the final fit on refined tie points."""
 
     coarse_size: int
     tile_size: int
@@ -61,7 +62,8 @@ class RegistrationSettings:
     second_pass: bool
     refine: bool
     search_orientation: bool
-    orientation_accept: int
+    search_contrast: bool
+    search_accept: int
     refined_threshold: float
 
     @classmethod
@@ -105,7 +107,7 @@ class Registration:
 
 
 class FeatureCache(dict):
-    """Features of views already extracted, keyed by (scene name, box, size, quarter turns): the second pass on a
+    """Features of views already extracted, keyed by (scene name, box, size, how the view was made): the second pass on a
     scene no larger than the coarse overview reuses image0's, and evaluation methods that share an extractor share
     them. Each entry keeps the seconds its extraction took, charged again on every reuse (as `reused_s` too, so
     that a registration's total is what it would have cost alone)."""
@@ -239,13 +241,25 @@ def select_tiles(tiles: list[Box], scores: dict[str, np.ndarray], box0: Box, max
     return chosen + rest[: max_tiles - len(chosen)]
 
 
+@dataclass(frozen=True)
+class ViewOfImage1:
+    """How a coarse candidate shows image1: turned by quarter_turns x 90 degrees (None: resampled by the prior)
+    and with its contrast inverted or not."""
+
+    quarter_turns: int | None
+    inverted: bool
+
+    def apply(self, view: np.ndarray) -> np.ndarray:
+        return -view if self.inverted else view
+
+
 @dataclass
 class _Coarse:
     matches: ViewMatches  # full-res px
     fit: FitResult
     overview0: np.ndarray
     threshold: float  # px of image1 the fit used
-    quarter_turns: int | None
+    how: ViewOfImage1
 
 
 class _Registrar:
@@ -257,11 +271,11 @@ class _Registrar:
         self.cache = cache if cache is not None else FeatureCache()
         self.timings = Timings()
 
-    def features(self, side: int, box: Box, view: np.ndarray, turns: int = 0, guide: np.ndarray | None = None
-                 ) -> dict:
+    def features(self, side: int, box: Box, view: np.ndarray, how: ViewOfImage1 | None = None,
+                 guide: np.ndarray | None = None) -> dict:
         scene = self.image0 if side == 0 else self.image1
         guide_key = None if guide is None else guide.round(9).tobytes()
-        return self.cache.features(self.pipeline, (scene.name, box, view_size(view), turns, guide_key), view,
+        return self.cache.features(self.pipeline, (scene.name, box, view_size(view), how, guide_key), view,
                                    self.timings)
 
     def match(self, feats0: dict, feats1: dict, view0: np.ndarray, view1: np.ndarray) -> ViewMatches:
@@ -278,34 +292,40 @@ class _Registrar:
         view0, to_image0 = self.image0.overview(box0, settings.coarse_size)
         out_size = view_size(view0)
         feats0 = self.features(0, box0, view0)
+        polarities = (False, True) if settings.search_contrast else (False,)
         if prior is not None:
             guided = guided_view(self.image1, prior, box0, out_size)
             if guided is None:
                 return _Coarse(ViewMatches(), failure(0, "image1 has no data where the prior maps image0"), view0,
-                               estimator.threshold, None)
-            candidates = [(None, *guided)]
+                               estimator.threshold, ViewOfImage1(None, False))
+            candidates = [(ViewOfImage1(None, inverted), *guided) for inverted in polarities]
         else:
             overview1, overview_to_image1 = self.image1.overview((0, 0, *self.image1.size), settings.coarse_size)
             turns = QUARTER_TURNS if settings.search_orientation else (0,)
-            candidates = [(k, *_turned_with_map(overview1, overview_to_image1, k)) for k in turns]
+            candidates = [(ViewOfImage1(k, inverted), *_turned_with_map(overview1, overview_to_image1, k))
+                          for k in turns for inverted in polarities]
         best = None
-        for turns, view1, to_image1 in candidates:
-            feats1 = self.features(1, (0, 0, *self.image1.size), view1, turns or 0,
-                                   guide=None if turns is not None else prior)
+        for how, view1, to_image1 in candidates:
+            view1 = how.apply(view1)
+            feats1 = self.features(1, (0, 0, *self.image1.size), view1, how,
+                                   guide=prior if how.quarter_turns is None else None)
             matches = self.match(feats0, feats1, view0, view1).mapped(to_image0, to_image1)
             # image1 px per overview px: the fit threshold scales with the overview's coarseness
             threshold = estimator.threshold * max(area_scale(to_image1, np.array(out_size) / 2.0), 1.0)
             fit = self.fit(matches.pts0, matches.pts1, threshold)
             if best is None or fit.n_inliers > best.fit.n_inliers:
-                best = _Coarse(matches, fit, view0, threshold, turns)
-            if turns == 0 and fit.n_inliers >= settings.orientation_accept:
-                break  # upright and strong: the other orientations would only cost time
+                best = _Coarse(matches, fit, view0, threshold, how)
+            if fit.n_inliers >= settings.search_accept:
+                break  # strong enough: the other candidates would only cost time
         return best
 
-    def second_pass(self, tiles: list[Box], guide: np.ndarray, radius_px: float) -> tuple[ViewMatches, list[dict]]:
-        """Match each full-resolution tile of image0 with image1 resampled into its frame by `guide`. The guide is
-        right to a few coarse pixels, so a match whose two ends lie more than `radius_px` apart in the tile's frame
-        is wrong (clouds, repeated patterns) and is dropped before the fit."""
+    def second_pass(self, tiles: list[Box], guide: np.ndarray, radius_px: float, inverted: bool
+                    ) -> tuple[ViewMatches, list[dict]]:
+        """Match each full-resolution tile of image0 with image1 resampled into its frame by `guide` (its contrast
+        inverted as the coarse stage chose). The guide is right to a few coarse pixels, so a match whose two ends
+        lie more than `radius_px` apart in the tile's frame is wrong (clouds, repeated patterns) and is dropped
+        before the fit."""
+        how = ViewOfImage1(None, inverted)
         parts, report = [], []
         for tile in tqdm(tiles, desc="fine tiles", unit="tile", disable=len(tiles) < 2):
             out_size = (tile[2] - tile[0], tile[3] - tile[1])
@@ -314,9 +334,10 @@ class _Registrar:
                 report.append({"box": list(tile), "matches": 0, "near_guide": 0})
                 continue
             view1, to_image1 = guided
+            view1 = how.apply(view1)
             view0 = self.image0.read(tile, out_size)
             feats0 = self.features(0, tile, view0)
-            feats1 = self.features(1, tile, view1, guide=guide)
+            feats1 = self.features(1, tile, view1, how, guide=guide)
             matches = self.match(feats0, feats1, view0, view1)
             near = np.linalg.norm(matches.pts1 - matches.pts0, axis=1) <= radius_px
             parts.append(matches.subset(near).mapped(box_to_pixels(tile, out_size), to_image1))
@@ -391,7 +412,7 @@ def register(image0: Scene, image1: Scene, pipeline: TwoViewPipeline, settings: 
     report["coarse"] = {"matches": len(coarse.matches.pts0), "inliers": coarse.fit.n_inliers,
                         "success": coarse.fit.success, "reason": coarse.fit.reason,
                         "homography": coarse.fit.H.tolist() if coarse.fit.success else None,
-                        "quarter_turns": coarse.quarter_turns}
+                        "quarter_turns": coarse.how.quarter_turns, "contrast_inverted": coarse.how.inverted}
     if coarse.fit.success:
         guide = coarse.fit.H
     elif prior is not None:
@@ -409,7 +430,7 @@ def register(image0: Scene, image1: Scene, pipeline: TwoViewPipeline, settings: 
         # image0 pixels per coarse overview pixel: the guide's accuracy is a few of them
         radius = settings.guide_tolerance * max(1.0, (box0[2] - box0[0]) / coarse.overview0.shape[2])
         with run.timings.phase("fine_s"):
-            matches, per_tile = run.second_pass(tiles, guide, radius)
+            matches, per_tile = run.second_pass(tiles, guide, radius, coarse.how.inverted)
         report["tiles"].update(guide_radius_px=radius, per_tile=per_tile)
         fit = run.fit(matches.pts0, matches.pts1)
     else:
