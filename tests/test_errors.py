@@ -229,11 +229,13 @@ def test_a_run_never_replaces_another_pairs_result(crops, tmp_path, monkeypatch,
 def test_interrupted_run_leaves_nothing_behind(tmp_path, signum, status):
     """The signal arrives while the outputs are written (co-registration block by block): the temporary folder
     goes, nothing else is left."""
+    image = write_crop(OVERVIEW, Window(256, 256, 512, 512), tmp_path / "scene.tif")
     out = tmp_path / "out"
     out.mkdir()
     process = subprocess.Popen(
-        [sys.executable, "src/infer.py", str(OVERVIEW), str(OVERVIEW), *FAST, f"infer.output_dir={out / 'run'}",
-         "infer.write_coregistered=true", "infer.coregister_block=16"],
+        [sys.executable, "src/infer.py", str(image), str(image), *FAST, f"infer.output_dir={out / 'run'}",
+         "registration.second_pass=false", "registration.refine=false", "infer.write_coregistered=true",
+         "infer.coregister_block=8"],
         cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
