@@ -12,4 +12,4 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, __doc__, ("download",))

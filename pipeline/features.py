@@ -14,4 +14,4 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, __doc__, ("features", "cache"))

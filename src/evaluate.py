@@ -13,4 +13,4 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, __doc__, ("evaluate",))

@@ -230,7 +230,7 @@ def test_missing_and_corrupt_inputs_are_one_line_errors(tmp_path, jp2_crop, monk
 
 
 def test_no_overlap_fails_with_a_non_zero_exit(tmp_path):
-    image0 = write_raster(tmp_path / "a.tif", *read_crop(JP2, Window(0, 0, 300, 300)))
+    image0 = write_raster(tmp_path / "a.tif", *read_crop(JP2, Window(1000, 0, 300, 300)))
     image1 = write_raster(tmp_path / "b.tif", *read_crop(JP2, Window(1000, 2000, 300, 300)))
     out = tmp_path / "run"
     run = subprocess.run([sys.executable, str(PROJECT_ROOT / "src" / "infer.py"), *FAST,

@@ -11,16 +11,17 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
+from dvc.repo import Repo
 
-from s2match.config import PARAMS_FILE, PROJECT_ROOT, compose_config, load_config, render_params
+from s2match.config import PARAMS_FILE, PIPELINE_CONFIG, PROJECT_ROOT, ConfigError, compose_config, load_config, render_params
 
 PROJECT_FILES = ["conf", "pipeline", "src", "dvc.yaml", "params.yaml", "data.dvc", ".dvc/config", ".dvcignore",
                  ".gitignore"]
 
 
 def test_params_yaml_is_conf_composed():
-    assert PARAMS_FILE.read_text() == render_params(compose_config()), "run `make params` after editing conf/"
+    expected = render_params(compose_config(config_name=PIPELINE_CONFIG))
+    assert PARAMS_FILE.read_text() == expected, "run `make params` after editing conf/"
 
 
 def run(args: list[str], cwd: Path) -> str:
@@ -75,10 +76,15 @@ def test_dvc_exp_run_set_param(project):
 
 
 def test_stage_config_from_params_file_takes_overrides_and_groups():
-    cfg = load_config(["--params", str(PARAMS_FILE), "+pair=demo", "tile.size=256", "+pair.image1=other.tif"])
+    """--params composes the file with Hydra beside conf/: keys checked as on conf/, groups merged over it."""
+    cfg = load_config(["tile.size=256", "pair.image1=other.tif"], PARAMS_FILE)
     assert cfg.tile.size == 256 and cfg.pair.name == "demo" and cfg.pair.image1 == "other.tif"
-    with pytest.raises(SystemExit, match="not found"):
-        load_config(["--params", "missing.yaml"])
+    cfg = load_config(["+pair=t33uuu_jp2", "+train=smoke"], PARAMS_FILE)
+    assert cfg.pair.name == "t33uuu_jp2" and cfg.trainer.max_steps == compose_config(["train=smoke"]).trainer.max_steps
+    with pytest.raises(ConfigError, match="did you mean tile.size"):
+        load_config(["tile.sise=256"], PARAMS_FILE)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config([], "missing.yaml")
 
 
 def imported_modules(script: Path) -> set[Path]:
@@ -119,10 +125,12 @@ def imported_modules(script: Path) -> set[Path]:
 
 def test_dvc_stage_deps_cover_every_imported_module():
     """A change to any module a stage imports reruns the stage: `dvc repro` cannot report stale results."""
-    stages = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
-    for name, stage in stages.items():
-        script = next(PROJECT_ROOT / word for word in stage["cmd"].split() if word.endswith(".py"))
-        deps = [PROJECT_ROOT / (dep if isinstance(dep, str) else next(iter(dep))) for dep in stage["deps"]]
+    stages = [stage for stage in Repo(str(PROJECT_ROOT)).index.stages if stage.cmd]  # ${...} resolved as DVC does
+    assert {stage.addressing for stage in stages} >= {"download", "pairs", "train", "evaluate", "demo"}
+    for stage in stages:
+        name = stage.addressing
+        script = next(PROJECT_ROOT / word for word in stage.cmd.split() if word.endswith(".py"))
+        deps = [PROJECT_ROOT / dep.def_path for dep in stage.deps]
         assert script in deps, f"stage {name}: its script {script} is not a dep"
         for dep in deps:
             assert dep.exists() or dep.is_relative_to(PROJECT_ROOT / "outputs"), f"stage {name}: dep {dep} missing"

@@ -1,33 +1,31 @@
 """The scene catalogue: one row per acquisition, whatever source it came from.
 
-Columns: scene_id, aoi, date, season, level, bands, dtype, crs, transform, width, height, pixel_size,
-bounds_lonlat, path, band_files, processing_baseline, offsets, quantification, source, status, reason.
-`status` is `ok` or `skipped` (with `reason`): bad inputs are logged and recorded here, never dropped silently.
+Columns: s2match.data.tables.CATALOGUE (scene_id, aoi, date, season, level, bands, CRS, transform, size, path,
+band files, processing baseline, radiometric offsets, source, status, reason). `status` is `ok` or `skipped`
+(with `reason`): bad inputs are logged and recorded here, never dropped silently. Two products of one acquisition
+(one tile and date, e.g. processing baselines N0204 and N0500 of one scene): the newer baseline is kept, the other
+recorded as skipped under its own product name.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections import defaultdict
 from collections.abc import Iterable
 from datetime import date
 from pathlib import Path
 
 import pandas as pd
 import rasterio
-from rasterio.errors import RasterioIOError
+from rasterio.errors import RasterioError
 from rasterio.warp import transform_bounds
 
-from s2match.fileio import atomic_path
-from s2match.s2.products import Product, ProductError, find_products, open_raster
+from s2match.data.tables import CATALOGUE, make_table, read_table, require_usable, write_table
+from s2match.s2.products import Product, ProductError, baseline_name, find_products, open_raster, preferred_product
 
 log = logging.getLogger(__name__)
 
-COLUMNS = [
-    "scene_id", "aoi", "date", "season", "level", "bands", "dtype", "crs", "transform", "width", "height",
-    "pixel_size", "bounds_lonlat", "path", "band_files", "processing_baseline", "offsets", "quantification",
-    "source", "status", "reason",
-]
 NORTHERN_SEASONS = {12: "winter", 1: "winter", 2: "winter", 3: "spring", 4: "spring", 5: "spring",
                     6: "summer", 7: "summer", 8: "summer", 9: "autumn", 10: "autumn", 11: "autumn"}
 OPPOSITE = {"winter": "summer", "summer": "winter", "spring": "autumn", "autumn": "spring"}
@@ -53,7 +51,7 @@ def describe(product: Product, root: Path) -> dict:
         with rasterio.open(band_path) as src:
             crs, transform, width, height, dtype = src.crs, src.transform, src.width, src.height, src.dtypes[0]
             bounds = src.bounds
-    except RasterioIOError as err:
+    except RasterioError as err:
         raise ProductError(f"{band_path}: unreadable raster ({err})") from err
     if crs is None:
         raise ProductError(f"{band_path}: no georeference (CRS missing)")
@@ -98,7 +96,7 @@ def sample_rows(folder: Path, root: Path) -> Iterable[dict]:
             if names == ["unknown-single"]:
                 names = ["unknown"]
             row = describe(open_raster(path, names, tags, descriptions), root)
-        except (RasterioIOError, ProductError) as err:
+        except (RasterioError, ProductError) as err:
             yield skipped(scene["scene_id"], scene["aoi"], _relative(path, root), scene["source"], str(err).splitlines()[0])
             continue
         row.update(scene_id=scene["scene_id"], aoi=scene["aoi"], date=scene["date"], season=scene["season"],
@@ -108,9 +106,11 @@ def sample_rows(folder: Path, root: Path) -> Iterable[dict]:
 
 
 def local_rows(folder: Path, root: Path, source: str = "local") -> Iterable[dict]:
-    """Rows for a folder of Sentinel-2 products; AOI = MGRS tile (else the parent folder's name)."""
+    """Rows for a folder of Sentinel-2 products; AOI = MGRS tile (else the parent folder's name). Of two products of
+    one acquisition, the newer processing baseline is kept (s2match.s2.products.preferred_product)."""
     if not folder.is_dir():
         raise ProductError(f"{folder}: folder of products not found")
+    described: dict[str, list[tuple[str, Product, dict]]] = defaultdict(list)
     for scene_id, product in find_products(folder):
         if isinstance(product, Exception):
             yield skipped(scene_id, "", str(folder), source, str(product).splitlines()[0])
@@ -126,23 +126,38 @@ def local_rows(folder: Path, root: Path, source: str = "local") -> Iterable[dict
         row.update(scene_id=f"{aoi}-{when:%Y%m%d}" if when else scene_id, aoi=aoi,
                    date=when.isoformat() if when else "", season=season_of(when, latitude) if when else "",
                    source=source)
-        yield row
+        described[row["scene_id"]].append((scene_id, product, row))
+    for members in described.values():
+        kept = preferred_product([product for _, product, _ in members])
+        for product_id, product, row in members:
+            if product is kept:
+                yield row
+            else:
+                yield skipped(product_id, row["aoi"], row["path"], source,
+                              f"same tile and date as {_relative(kept.path, root)} ({baseline_name(kept)}), which "
+                              f"is kept: {baseline_name(product)} is an older processing baseline")
 
 
 def write_catalogue(rows: Iterable[dict], path: Path) -> pd.DataFrame:
-    frame = pd.DataFrame(list(rows), columns=COLUMNS)
-    duplicated = frame["scene_id"][frame["scene_id"].duplicated()]
+    """Write the catalogue; no usable scene, or two usable rows with one scene id, is a one-line ProductError."""
+    frame = make_table(rows, CATALOGUE)
+    if frame.empty:
+        raise ProductError(f"{path}: no scene found, nothing to catalogue; check the download configuration "
+                           f"(download.folder, download.aoi, download.seasons)")
+    require_usable(frame, frame["status"] == "ok", path, "scene")
+    usable = frame[frame["status"] == "ok"]
+    duplicated = usable[usable["scene_id"].duplicated(keep=False)]
     if len(duplicated):
-        raise ProductError(f"{path}: duplicate scene ids {sorted(set(duplicated))}")
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
+        scene_id = duplicated["scene_id"].iloc[0]
+        paths = duplicated.loc[duplicated["scene_id"] == scene_id, "path"]
+        raise ProductError(f"{path}: scene id {scene_id} names several scenes ({', '.join(paths)}); give each its "
+                           f"own id")
+    write_table(frame, path, CATALOGUE)
     return frame
 
 
 def read_catalogue(path: Path, only_ok: bool = True) -> pd.DataFrame:
-    if not path.is_file():
-        raise ProductError(f"{path}: catalogue not found (run the download stage)")
-    frame = pd.read_csv(path, dtype={"date": str, "reason": str}, keep_default_na=False)
+    frame = read_table(path, CATALOGUE, "download")
     return frame[frame["status"] == "ok"].reset_index(drop=True) if only_ok else frame
 
 

@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import rasterio
-from rasterio.errors import RasterioIOError
+from rasterio.errors import RasterioError
 from rasterio.windows import Window
 from tqdm import tqdm
 
 from s2match.data.catalogue import product_of
+from s2match.data.tables import SCENES, SCENES_FILE, make_table
 from s2match.fileio import atomic_path
 from s2match.geo.georef import Grid
 from s2match.s2.products import Product, ProductError
@@ -39,7 +40,7 @@ def write_composite(product: Product, composite: str, bands: list[str], out_path
             window = Window(0, row, grid.width, min(block_rows, grid.height - row))
             try:
                 dst.write(composite_block(product, composite, bands, grid, window), window=window)
-            except RasterioIOError as err:
+            except RasterioError as err:
                 raise ProductError(f"{product.path}: band data unreadable ({str(err).splitlines()[0]})") from err
     return grid
 
@@ -67,6 +68,6 @@ def write_bands(cfg, catalogue: pd.DataFrame, out_dir: Path, root: Path) -> pd.D
                 rows.append({**scene, "status": "skipped", "reason": str(err)})
                 continue
             rows.append({**scene, "image": str(out_dir / f"{scene['scene_id']}.tif"), "composite": composite})
-        table = pd.DataFrame(rows)
-        table.to_csv(tmp / "scenes.csv", index=False)
+        table = make_table(rows, SCENES)
+        table.to_csv(tmp / SCENES_FILE, index=False)
     return table

@@ -17,9 +17,11 @@ import numpy as np
 import pandas as pd
 import rasterio
 
+from s2match.data.tables import PAIRS, make_table, read_table
 from s2match.fileio import atomic_path
 from s2match.geo.georef import boxes_intersect
 from s2match.geo.homography import random_homography, warp_image
+from s2match.s2.products import ProductError
 
 log = logging.getLogger(__name__)
 
@@ -122,13 +124,11 @@ def build_pairs(tiles: pd.DataFrame, splits: dict[str, str], groups: dict[str, s
                 "season0": a["season"], "season1": b["season"], "path0": a["path"], "path1": b["path"],
                 "width": size[0], "height": size[1], "homography": json.dumps(np.round(H, 10).ravel().tolist()),
             })
-    return pd.DataFrame(rows)
+    return make_table(rows, PAIRS)
 
 
 def read_pairs(path: Path, split: str | None = None) -> pd.DataFrame:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: pair table not found (run the pairs stage)")
-    frame = pd.read_csv(path, dtype={"date0": str, "date1": str}, keep_default_na=False)
+    frame = read_table(path, PAIRS, "pairs")
     return frame if split is None else frame[frame["split"] == split].reset_index(drop=True)
 
 
@@ -172,6 +172,9 @@ def write_pairs(cfg, scenes: pd.DataFrame, tiles: pd.DataFrame, out_dir: Path) -
     splits = assign_splits(groups, list(cfg.split.val), list(cfg.split.test))
     spec = HomographySpec(**cfg.homography)
     table = build_pairs(kept[~kept["aoi"].isin(single)], splits, groups, cfg.max_per_tile, spec, cfg.seed)
+    if table.empty:
+        raise ProductError(f"{out_dir}: no pair of tiles: every AOI has kept tiles of a single date"
+                           f" ({', '.join(single) or 'no AOI'}); add scenes of other dates")
     leaked = set(table[table["split"] == "train"]["location"]) & set(table[table["split"] != "train"]["location"])
     if leaked:
         raise ValueError(f"location groups in training and evaluation splits: {sorted(leaked)}")

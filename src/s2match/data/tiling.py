@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 from tqdm import tqdm
 
+from s2match.data.tables import TILES, TILES_FILE, make_table
 from s2match.fileio import atomic_path
 from s2match.geo.georef import Grid, boxes_intersect
 
@@ -72,7 +74,9 @@ def tile_windows(width: int, height: int, spec: TileSpec) -> list[Window]:
 
 def texture(image: np.ndarray) -> float:
     """Mean gradient magnitude relative to the image's spread: low for cloud, open water, plain snow."""
-    gray = np.nan_to_num(np.nanmean(image, axis=0), nan=float(np.nanmedian(image)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # pixels without data in any band: filled with the median
+        gray = np.nan_to_num(np.nanmean(image, axis=0), nan=float(np.nanmedian(image)))
     spread = np.percentile(gray, 98) - np.percentile(gray, 2)
     if spread <= 0:
         return 0.0
@@ -101,6 +105,12 @@ def tile_aoi(aoi: str, scenes: list[dict], spec: TileSpec, out_dir: Path) -> lis
     """Tiles of every scene of one AOI; rows of the tile table (kept and dropped, with the reason)."""
     grid = reference_grid([Path(s["image"]) for s in scenes])
     windows = tile_windows(grid.width, grid.height, spec)
+    if not windows:
+        reason = f"AOI grid {grid.width} x {grid.height} px is smaller than tile.min_size={spec.min_size} px"
+        log.warning("skipped AOI %s (%d scenes): %s", aoi, len(scenes), reason)
+        return [{"aoi": aoi, "scene_id": s["scene_id"], "date": s["date"], "season": s["season"],
+                 "width": grid.width, "height": grid.height, "crs": grid.crs.to_string(), "kept": False,
+                 "reason": reason} for s in scenes]
     rows = []
     for scene in scenes:
         with open_on_grid(Path(scene["image"]), grid) as src:
@@ -121,6 +131,10 @@ def tile_aoi(aoi: str, scenes: list[dict], spec: TileSpec, out_dir: Path) -> lis
                     "crs": grid.crs.to_string(), "transform": list(rasterio.windows.transform(window, grid.transform))[:6],
                     "valid_fraction": round(valid, 4), "texture": round(detail, 5), "kept": keep, "reason": reason,
                 })
+    dropped = pd.Series([row["reason"] for row in rows if not row["kept"]], dtype=str).value_counts()
+    if len(dropped):
+        log.info("AOI %s: %d of %d tiles dropped (%s)", aoi, dropped.sum(), len(rows),
+                 ", ".join(f"{reason} {count}" for reason, count in dropped.items()))
     return rows
 
 
@@ -142,7 +156,7 @@ def write_tiles(cfg, scenes: pd.DataFrame, out_dir: Path) -> pd.DataFrame:
                     rows.append({"aoi": aoi, "scene_id": scene["scene_id"], "kept": False,
                                  "reason": f"no overlap with AOI {aoi} ({scene['crs']})"})
             for row in tile_aoi(aoi, overlapping, spec, tmp):
-                rows.append({**row, "path": row["path"].replace(str(tmp), str(out_dir), 1)})
-        table = pd.DataFrame(rows)
-        table.to_csv(tmp / "tiles.csv", index=False)
+                rows.append({**row, "path": row.get("path", "").replace(str(tmp), str(out_dir), 1)})
+        table = make_table(rows, TILES)
+        table.to_csv(tmp / TILES_FILE, index=False)
     return table

@@ -173,14 +173,16 @@ def turned(view: np.ndarray, quarter_turns: int) -> tuple[np.ndarray, np.ndarray
 
 
 def candidate_tiles(box0: Box, tile_size: int) -> list[Box]:
-    """Full-resolution tiles (pixel-edge boxes) covering box0; slivers narrower than a quarter tile are left out."""
+    """Full-resolution tiles (pixel-edge boxes) covering box0; slivers narrower than a quarter tile are left out
+    (a box0 narrower than that gives tiles of its whole width)."""
     x0, y0, x1, y1 = box0
-    minimum = max(1, int(tile_size * MIN_TILE_FRACTION))
+    quarter = max(1, int(tile_size * MIN_TILE_FRACTION))
+    min_width, min_height = min(quarter, x1 - x0), min(quarter, y1 - y0)
     tiles = []
     for ty in range(y0, y1, tile_size):
         for tx in range(x0, x1, tile_size):
             tile = (tx, ty, min(tx + tile_size, x1), min(ty + tile_size, y1))
-            if tile[2] - tile[0] >= minimum and tile[3] - tile[1] >= minimum:
+            if tile[2] - tile[0] >= min_width and tile[3] - tile[1] >= min_height:
                 tiles.append(tile)
     return tiles
 

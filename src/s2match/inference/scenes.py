@@ -17,7 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import rasterio
-from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
@@ -26,6 +26,8 @@ from s2match.s2.products import Product, ProductError, open_product
 from s2match.s2.reflectance import choose_composite, composite_block, target_grid
 
 Box = tuple[int, int, int, int]
+# px: the short side an overview keeps at least (local features need room around them)
+MIN_OVERVIEW_SIDE = 64
 
 
 def box_to_pixels(box: tuple[float, float, float, float], out_size: tuple[int, int]) -> np.ndarray:
@@ -51,9 +53,10 @@ class Scene:
         raise NotImplementedError
 
     def overview(self, box: Box, longest_side: int) -> tuple[np.ndarray, np.ndarray]:
-        """The box decimated to at most `longest_side` px (never enlarged), and its 3x3 map to full-res pixels."""
+        """The box decimated to at most `longest_side` px, and its 3x3 map to full-res pixels. Never enlarged, and
+        never narrower than MIN_OVERVIEW_SIDE px: an elongated image (64 x 4000) keeps a width features can use."""
         width, height = box[2] - box[0], box[3] - box[1]
-        factor = max(1.0, max(width, height) / longest_side)
+        factor = max(1.0, min(max(width, height) / longest_side, min(width, height) / MIN_OVERVIEW_SIDE))
         out_size = (max(1, round(width / factor)), max(1, round(height / factor)))
         return self.read(box, out_size), box_to_pixels(box, out_size)
 
@@ -88,7 +91,7 @@ class SceneImage(Scene):
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
                 return composite_block(self.product, self.composite, self.bands, grid,
                                        Window(0, 0, int(out_size[0]), int(out_size[1])))
-        except RasterioIOError as err:
+        except RasterioError as err:
             raise ProductError(f"{self.path}: image data unreadable ({str(err).splitlines()[0]})") from err
 
     def describe(self) -> dict:
@@ -129,7 +132,9 @@ def open_image(path: str | Path, composite: str, composites, fallback: str, reso
         try:
             with rasterio.open(first) as src:
                 crs, width, height = src.crs, src.width, src.height
-        except RasterioIOError as err:
+        except RasterioError as err:
             raise ProductError(f"{first}: unreadable band file ({str(err).splitlines()[0]})") from err
     grid = Grid(None, Affine.identity(), width, height) if crs is None else target_grid(product, bands, resolution)
+    if grid.transform.determinant == 0:
+        raise ProductError(f"{path}: unusable georeference (a pixel size of 0 in its transform {grid.transform[:6]})")
     return SceneImage(path, product, composite, bands, grid)

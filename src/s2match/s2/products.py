@@ -19,7 +19,7 @@ from datetime import date, datetime
 from pathlib import Path
 
 import rasterio
-from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
 from s2match.s2.naming import BAND_FILE, LEVELS, S2_BANDS, SAFE_NAME
 
@@ -188,10 +188,11 @@ def open_raster(path: Path, band_names: list[str] | None, tags: dict[str, str], 
 def _raster_header(path: Path) -> tuple[dict[str, str], tuple, bool]:
     """(tags, band descriptions, georeferenced) of a raster or picture; ProductError when unreadable."""
     try:
-        with warnings.catch_warnings(), rasterio.open(path) as src:
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            return src.tags(), src.descriptions, src.crs is not None
-    except RasterioIOError as err:
+            with rasterio.open(path) as src:
+                return src.tags(), src.descriptions, src.crs is not None
+    except RasterioError as err:
         raise ProductError(f"{path}: unreadable image ({str(err).splitlines()[0]})") from err
 
 
@@ -206,11 +207,24 @@ def open_product(path: Path) -> Product:
         known = ", ".join(sorted(IMAGE_SUFFIXES))
         raise ProductError(f"{path}: unsupported image format (use {known} or a .SAFE folder)")
     tags, descriptions, georeferenced = _raster_header(path)
-    if georeferenced and BAND_FILE.match(path.stem):
+    if georeferenced and BAND_FILE.match(path.stem) and path.suffix.lower() in RASTER_SUFFIXES:
         siblings = [p for p in sorted(path.parent.iterdir()) if p.suffix.lower() in RASTER_SUFFIXES]
         key, files = next((key, files) for key, files in group_loose_band_files(siblings) if path in files)
         return open_loose(key, files, tags)
     return open_raster(path, band_names(descriptions), tags, descriptions)
+
+
+def baseline_name(product: Product) -> str:
+    """The processing baseline as ESA writes it in product names (N0500), or 'no baseline'."""
+    baseline = product.processing_baseline
+    return "no baseline" if baseline is None else f"N{round(baseline * 100):04d}"
+
+
+def preferred_product(products: list[Product]) -> Product:
+    """Of several products of one acquisition (one tile, one date), the one to keep: the newest processing baseline
+    (a reprocessing with a newer baseline corrects the older), then the last name in sort order."""
+    return max(products, key=lambda p: (-1.0 if p.processing_baseline is None else p.processing_baseline,
+                                        p.path.name))
 
 
 def find_products(folder: Path) -> Iterable[tuple[str, Product | Exception]]:
