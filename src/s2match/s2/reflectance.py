@@ -26,6 +26,8 @@ COARSEST_NATIVE_RESOLUTION = 60.0
 
 def choose_composite(product: Product, composite: str, composites: dict, fallback: str) -> tuple[str, list[str]]:
     """(composite name, bands it needs) for a product; falls back to grey when allowed and needed."""
+    if composite != "gray" and composite not in composites:
+        raise ValueError(f"bands.composite={composite}: unknown composite; known: gray, {', '.join(composites)}")
     wanted = list(composites[composite]) if composite != "gray" else []
     if wanted and all(band in product.bands for band in wanted):
         return composite, wanted

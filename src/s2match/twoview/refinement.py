@@ -1,9 +1,10 @@
 """Sub-pixel refinement of tie points by area correlation in the rectified frame (conf/refinement/).
 
 Once a robust fit H is known, image1 resampled by H lies on image0's frame to within a pixel or two. Around each
-tie point, a window of image0 and the same window of the rectified image1 are compared by upsampled cross-
-correlation (scikit-image's `phase_cross_correlation`, Guizar-Sicairos et al. 2008), twice: the second time on the
-window of image1 resampled at the first estimate, so the estimate does not lock onto whole pixels.
+tie point, a window of image0 and the same window of the rectified image1 are cross-correlated (FFT, all windows
+of a view at once), the peak located to a fraction of a pixel by a parabola through it and its neighbours, and the
+window of image1 resampled at the estimate and correlated again (`iterations` times): the residual shift then
+sits at the centre of the peak, where a parabola has no bias towards whole pixels.
 
 What is correlated is not the brightness but the gradient orientation field z = g^2 / |g| (g = dI/dx + i dI/dy):
 its magnitude is the edge strength and its phase twice the edge direction, so a field edge that is dark against
@@ -23,7 +24,6 @@ from typing import Any
 
 import cv2
 import numpy as np
-from skimage.registration import phase_cross_correlation
 
 REASONS = ("ok", "no data", "low correlation", "shift too large")
 STATUS_DTYPE = "<U16"  # room for every status, "outlier" of the final fit included
@@ -43,12 +43,36 @@ def orientation_field(view: np.ndarray, sigma: float) -> tuple[np.ndarray, np.nd
     return np.stack([(gx * gx - gy * gy) / magnitude, 2 * gx * gy / magnitude]), valid
 
 
-def _window(planes: np.ndarray, centre: np.ndarray, size: int) -> np.ndarray:
-    """Complex (size, size) window of a field centred at `centre` (x, y), bilinear between pixels."""
-    centre = (float(centre[0]), float(centre[1]))
-    real = cv2.getRectSubPix(planes[0], (size, size), centre)
-    imag = cv2.getRectSubPix(planes[1], (size, size), centre)
-    return real + 1j * imag
+def _windows(planes: np.ndarray, centres: np.ndarray, size: int) -> np.ndarray:
+    """(N, size, size) complex windows of a field centred at `centres` (x, y), bilinear between pixels."""
+    windows = np.empty((len(centres), size, size), np.complex128)
+    grid = np.arange(size, dtype=np.float32) - (size - 1) / 2
+    for i, (x, y) in enumerate(centres):
+        map_x, map_y = np.meshgrid(grid + np.float32(x), grid + np.float32(y))
+        windows[i].real = cv2.remap(planes[0], map_x, map_y, cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
+        windows[i].imag = cv2.remap(planes[1], map_x, map_y, cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
+    return windows
+
+
+def _parabola_vertex(minus: np.ndarray, centre: np.ndarray, plus: np.ndarray) -> np.ndarray:
+    """Offset of the vertex of the parabola through (-1, minus), (0, centre), (1, plus); 0 where it is no peak."""
+    curvature = minus - 2 * centre + plus
+    peaked = curvature < 0
+    return np.where(peaked, 0.5 * (minus - plus) / np.where(peaked, curvature, -1.0), 0.0)
+
+
+def peak_offsets(reference: np.ndarray, moving: np.ndarray) -> np.ndarray:
+    """(N, 2) (x, y) offsets of the cross-correlation peaks of N window pairs (N, W, W): the ground at a pixel of
+    `reference` lies that much earlier in `moving` (moving(p) ~ reference(p + offset)), to a fraction of a pixel."""
+    count, size = reference.shape[0], reference.shape[-1]
+    surface = np.abs(np.fft.ifft2(np.fft.fft2(reference) * np.conj(np.fft.fft2(moving))))
+    rows, cols = np.divmod(surface.reshape(count, -1).argmax(axis=1), size)
+    index = np.arange(count)
+    peak = surface[index, rows, cols]
+    dy = _parabola_vertex(surface[index, (rows - 1) % size, cols], peak, surface[index, (rows + 1) % size, cols])
+    dx = _parabola_vertex(surface[index, rows, (cols - 1) % size], peak, surface[index, rows, (cols + 1) % size])
+    cols, rows = (np.where(v >= size / 2, v - size, v) for v in (cols, rows))  # circular: the upper half is negative
+    return np.stack([cols + dx, rows + dy], axis=1)
 
 
 @dataclass(frozen=True)
@@ -74,14 +98,12 @@ class TiePointRefiner:
     """Area-based sub-pixel refinement of tie points (see the module docstring).
 
     window: side of the correlated windows (px of the view); iterations: correlations per window, each on the
-    window resampled at the estimate so far; upsample: sub-pixel resolution of one correlation (1 / upsample px);
-    min_quality: normalised correlation of the orientation fields needed to use a window; max_shift: px; sigma:
+    window resampled at the estimate so far; min_quality: normalised correlation of the orientation fields needed to use a window; max_shift: px; sigma:
     Gaussian smoothing (px) before the gradients; max_points: windows per view at most, spread over it.
     """
 
     window: int
     iterations: int
-    upsample: int
     min_quality: float
     max_shift: float
     sigma: float
@@ -89,8 +111,8 @@ class TiePointRefiner:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> TiePointRefiner:
-        return cls(int(cfg["window"]), int(cfg["iterations"]), int(cfg["upsample"]), float(cfg["min_quality"]),
-                   float(cfg["max_shift"]), float(cfg["sigma"]), int(cfg["max_points"]))
+        return cls(int(cfg["window"]), int(cfg["iterations"]), float(cfg["min_quality"]), float(cfg["max_shift"]),
+                   float(cfg["sigma"]), int(cfg["max_points"]))
 
     def spread(self, points: np.ndarray, scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         """Indices of at most max_points points inside the view with a whole window around them, the best scored
@@ -118,29 +140,18 @@ class TiePointRefiner:
         shifts = np.zeros_like(centres)
         quality = np.zeros(len(centres))
         status = np.full(len(centres), "ok", dtype=STATUS_DTYPE)
-        for i, centre in enumerate(centres):
-            column, row = int(centre[0]), int(centre[1])
-            if not valid[row, column]:
-                status[i] = "no data"
-                continue
-            reference = _window(field0, centre, self.window) * taper
-            shift = np.zeros(2)
-            for _ in range(self.iterations):
-                moving = _window(field1, centre + shift, self.window) * taper
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # its RMS error is undefined for complex input; unused
-                    found, _, _ = phase_cross_correlation(reference, moving, upsample_factor=self.upsample,
-                                                          normalization=None, disambiguate=False)
-                shift -= found[::-1]  # (row, col) of moving -> reference; the ground moved the other way
-                if np.abs(shift).max() > self.max_shift:
-                    break
-            shifts[i] = shift
-            if np.abs(shift).max() > self.max_shift:
-                status[i] = "shift too large"
-                continue
-            moving = _window(field1, centre + shift, self.window) * taper
-            norm = np.sqrt(np.sum(np.abs(reference) ** 2) * np.sum(np.abs(moving) ** 2))
-            quality[i] = float(np.abs(np.vdot(moving, reference)) / norm) if norm > 0 else 0.0
-            if quality[i] < self.min_quality:
-                status[i] = "low correlation"
+        status[~valid[centres[:, 1].astype(int), centres[:, 0].astype(int)]] = "no data"
+        active = np.flatnonzero(status == "ok")
+        reference = _windows(field0, centres[active], self.window) * taper
+        for _ in range(self.iterations):
+            moving = _windows(field1, centres[active] + shifts[active], self.window) * taper
+            shifts[active] -= peak_offsets(reference, moving)
+            within = np.all(np.abs(shifts[active]) <= self.max_shift, axis=1)
+            status[active[~within]] = "shift too large"
+            active, reference = active[within], reference[within]
+        moving = _windows(field1, centres[active] + shifts[active], self.window) * taper
+        norms = np.sqrt(np.sum(np.abs(reference) ** 2, axis=(1, 2)) * np.sum(np.abs(moving) ** 2, axis=(1, 2)))
+        correlation = np.abs(np.sum(np.conj(moving) * reference, axis=(1, 2)))
+        quality[active] = np.where(norms > 0, correlation / np.where(norms > 0, norms, 1.0), 0.0)
+        status[active[quality[active] < self.min_quality]] = "low correlation"
         return RefinedPoints(centres, shifts, quality, status)
