@@ -15,6 +15,7 @@ from s2match.fileio import atomic_path
 from s2match.inference.outputs import write_outputs
 from s2match.inference.registration import RegistrationSettings, register
 from s2match.inference.scenes import open_image
+from s2match.presets import with_preset
 from s2match.twoview.pipeline import TwoViewPipeline, pipeline_config
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,9 @@ def pair_name(pair: DictConfig) -> str:
 
 
 def run_inference(cfg: DictConfig) -> int:
-    """The `infer` entry point: register cfg.pair.image1 onto cfg.pair.image0 and write the run folder.
-    Returns 0 on success, EXIT_NO_TRANSFORM when no reliable transform was found."""
+    """The `infer` entry point: register cfg.pair.image1 onto cfg.pair.image0 with the preset cfg.preset and write
+    the run folder. Returns 0 on success, EXIT_NO_TRANSFORM when no reliable transform was found."""
+    cfg = with_preset(cfg)
     if "pair" not in cfg or not cfg.pair.get("image0") or not cfg.pair.get("image1"):
         raise KeyError("no pair to match: pass +pair=NAME (conf/pair/) or +pair.image0=PATH +pair.image1=PATH")
     # GDAL's block cache defaults to 5 % of RAM; on big scenes it would dominate the memory of a run.
@@ -53,7 +55,7 @@ def _infer(cfg: DictConfig) -> int:
     registration = register(*images, pipeline, RegistrationSettings.from_config(cfg.registration))
     report = registration.report
     report["timings"]["open_s"] = opened_s
-    report["model"] = pipeline.describe()
+    report["model"] = {"preset": str(cfg.preset), **pipeline.describe()}
     report["config"] = {**pipeline_config(cfg), **{group: OmegaConf.to_container(cfg[group], resolve=True)
                                                    for group in ("pair", "infer", "bands")}}
     folder = PROJECT_ROOT / (infer.output_dir or Path("outputs", "infer", pair_name(cfg.pair)))
