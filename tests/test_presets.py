@@ -39,7 +39,7 @@ def test_fast_replaces_features_and_picks_its_weights_and_folders():
     assert fast.features == compose_config(["features=xfeat"]).features  # XFeat with its own defaults
     assert fast.matcher.weights == "outputs/train_fast/matcher.pt"
     assert fast.paths.train == "outputs/train_fast" and fast.paths.features == "outputs/features_fast"
-    assert fast.matcher.depth_confidence == 0.95 and fast.matcher.width_confidence == 0.99
+    assert fast.matcher.depth_confidence == -1 and fast.matcher.width_confidence == 0.95  # LighterGlue's own
     # DVC stages read params.yaml, resolved: the preset gives the same configuration there
     assert with_preset(load_config(["--params", str(PARAMS_FILE), "preset=fast"])) == fast
     moved = with_preset(compose_config(["preset=fast", "presets.fast.paths.train=/tmp/elsewhere"]))
@@ -80,10 +80,11 @@ def two_dates(tmp_path_factory) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
-@pytest.mark.parametrize("preset, feature", [("accurate", "aliked"), ("fast", "xfeat")])
-def test_preset_end_to_end_through_infer(two_dates, tmp_path, preset, feature):
-    """src/infer.py preset=NAME: the preset's features and its weights file (here the release's head, exported as
-    training exports it), adaptive depth and width, a transform within 2 px of the identity (the grid's)."""
+@pytest.mark.parametrize("preset, feature, adaptive", [("accurate", "aliked", (0.95, 0.99)),
+                                                       ("fast", "xfeat", (-1, 0.95))])
+def test_preset_end_to_end_through_infer(two_dates, tmp_path, preset, feature, adaptive):
+    """src/infer.py preset=NAME: the preset's features, its weights file (here the release's head, exported as
+    training exports it) and its adaptive depth and width; a transform within 2 px of the identity (the grid's)."""
     weights = tmp_path / "matcher.pt"
     torch.save(build_lightglue(feature, filter_threshold=0.1, depth_confidence=-1, width_confidence=-1).state_dict(),
                weights)
@@ -99,8 +100,8 @@ def test_preset_end_to_end_through_infer(two_dates, tmp_path, preset, feature):
     result = json.loads((out / "result.json").read_text())
     assert result["model"] == {"preset": preset, "features": feature, "matcher": "lightglue", "weights": "trained",
                                "file": str(weights), "device": "cpu"}
-    assert result["config"]["matcher"]["depth_confidence"] == 0.95
-    assert result["config"]["matcher"]["width_confidence"] == 0.99
+    matcher = result["config"]["matcher"]
+    assert (matcher["depth_confidence"], matcher["width_confidence"]) == adaptive
     assert result["success"] and 1 <= result["matcher"]["layers"] <= (9 if feature == "aliked" else 6)
     H = np.array(result["homography"])
     corners = np.array([[0, 0, 1], [SIZE - 1, 0, 1], [SIZE - 1, SIZE - 1, 1], [0, SIZE - 1, 1]], float)
