@@ -1,5 +1,6 @@
-"""src/train.py end to end on tiny real pairs (train=smoke): MLflow tracking and registry, a resume after a kill,
-determinism under the seed, and the features + train DVC stages."""
+"""src/train.py end to end on tiny real pairs (train=smoke): both stages (matcher, confidence heads), MLflow
+tracking and registry, a resume after a kill, determinism under the seed, the fast preset, and the features + train
+DVC stages."""
 
 from __future__ import annotations
 
@@ -111,6 +112,9 @@ def test_run_is_tracked_and_registered_in_mlflow(resumed_run):
     client, run_id = resumed_run["client"], resumed_run["metrics"]["mlflow_run_id"]
     run = client.get_run(run_id)
     assert {"train/loss", "val/auc3", "val/precision", "val/recall"} <= set(run.data.metrics)
+    # the second stage, in the same run: the confidence heads, validated as adaptive depth runs
+    assert {"confidence/train/loss", "confidence/val/loss", "confidence/val/layers", "confidence/val/auc3"} <= set(
+        run.data.metrics)
     assert run.data.params["train/max_keypoints"] == "64" and run.data.params["features/name"] == "aliked"
     artifacts = {a.path for folder in ("model", "checkpoints") for a in client.list_artifacts(run_id, folder)}
     assert {"model/matcher.pt", "model/config.yaml", "checkpoints/last.ckpt"} <= artifacts
@@ -121,11 +125,42 @@ def test_run_is_tracked_and_registered_in_mlflow(resumed_run):
     train_dir = resumed_run["work"] / "train"
     metrics = resumed_run["metrics"]
     assert set(metrics["before"]) == set(metrics["after"]) >= {"val/precision", "val/auc@3", "val/auc@10"}
+    confidence = metrics["confidence"]
+    assert confidence["steps"] == compose_config(["train=smoke"]).train.confidence.max_steps
+    assert set(confidence["before"]) == set(confidence["after"]) >= {"val/layers", "val/loss", "val/auc@3"}
     curve = pd.read_csv(train_dir / "val_curve.csv")
     assert curve.step.iloc[0] == 0 and "val/auc3" in curve.columns
-    # strict load of the exported head
-    build_lightglue("aliked", weights=str(train_dir / "matcher.pt"), filter_threshold=0.1, depth_confidence=-1,
-                    width_confidence=-1)
+    # strict load of the exported head, its trained confidence heads with it
+    exported = torch.load(train_dir / "matcher.pt")
+    lightglue = build_lightglue("aliked", weights=str(train_dir / "matcher.pt"), filter_threshold=0.1,
+                                depth_confidence=0.95, width_confidence=0.99)
+    assert lightglue.weights_choice.kind == "trained" and any(key.startswith("token_confidence.") for key in exported)
+    pretrained = build_lightglue("aliked", filter_threshold=0.1, depth_confidence=0.95, width_confidence=0.99)
+    trained_heads, release_heads = (model.token_confidence[0].token[0].weight for model in (lightglue, pretrained))
+    assert not torch.equal(trained_heads, release_heads)
+
+
+def test_fast_preset_trains_lighterglue_with_the_same_code(killed_run):
+    """preset=fast: XFeat's features cached and its 6-layer LighterGlue trained, both stages, in its own folders,
+    its own registered model."""
+    work, env = killed_run["work"], killed_run["env"]
+    folders = [f"presets.fast.paths.features={work / 'features_fast'}", f"presets.fast.paths.train={work / 'fast'}",
+               f"paths.pairs={work / 'pairs'}", f"mlflow.artifact_location={work / 'mlruns'}"]
+    command([sys.executable, str(PROJECT_ROOT / "pipeline/features.py"), "train=smoke", "preset=fast", *folders],
+            work, env)
+    assert (work / "features_fast" / "xfeat" / "index.csv").is_file()
+    command([sys.executable, str(PROJECT_ROOT / "src/train.py"), "train=smoke", "preset=fast", *folders], work, env)
+    metrics = json.loads((work / "fast" / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["confidence"]["steps"] == 2
+    assert metrics["confidence"]["after"]["val/layers"] <= 6
+    lightglue = build_lightglue("xfeat", weights=str(work / "fast" / "matcher.pt"), filter_threshold=0.1,
+                                depth_confidence=0.95, width_confidence=0.99)
+    assert lightglue.conf.n_layers == 6 and lightglue.weights_choice.kind == "trained"
+    client = killed_run["client"]
+    run = client.get_run(metrics["mlflow_run_id"])
+    assert run.data.tags["preset"] == "fast" and run.data.tags["features"] == "xfeat"
+    assert metrics["mlflow_run_id"] in {v.run_id for v in client.search_model_versions("name='s2match-lighterglue'")}
+
 
 
 @pytest.mark.slow

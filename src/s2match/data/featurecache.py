@@ -121,10 +121,9 @@ def cache_dir(root: str | Path, features_cfg: Mapping[str, Any]) -> Path:
 
 
 def build_cache(pairs: pd.DataFrame, features_cfg: Mapping[str, Any], border_px: int, root: str | Path,
-                augment_cfg: Mapping[str, Any] | None = None, seed: int = 0) -> pd.DataFrame:
-    """Extract and store the features of `pairs` under `root/<feature name>/`; write and return its index.
-
-    Entries already there with the same fingerprint are kept as they are."""
+                augment_cfg: Mapping[str, Any] | None = None, seed: int = 0, device: str = "cpu") -> pd.DataFrame:
+    """Extract and store the features of `pairs` under `root/<feature name>/` on `device` (auto | cpu | cuda);
+    write and return its index. Entries already there with the same fingerprint are kept as they are."""
     directory = cache_dir(root, features_cfg)
     directory.mkdir(parents=True, exist_ok=True)
     rows = pairs.to_dict("records")
@@ -134,7 +133,7 @@ def build_cache(pairs: pd.DataFrame, features_cfg: Mapping[str, Any], border_px:
     log.info("feature cache %s: %d pairs, %d already cached, %d to extract", directory, len(rows),
              len(rows) - len(todo), len(todo))
     if todo:
-        extractor = KeypointExtractor(build_features(features_cfg), border_px, resolve_device("cpu"))
+        extractor = KeypointExtractor(build_features(features_cfg), border_px, resolve_device(device))
         augmentation = build_augmentation(augment_cfg)
         for i in tqdm(todo, desc=f"{features_cfg['name']} features", unit="pair"):
             entry = extract_pair(rows[i], extractor, augmentation, seed)
@@ -175,9 +174,9 @@ def load_entry(directory: str | Path, file: str) -> dict[str, Any]:
 
 
 def write_cache(cfg) -> pd.DataFrame:
-    """The features stage: the configured splits of paths.pairs/pairs.csv into paths.features."""
+    """The features stage: the configured splits of paths.pairs/pairs.csv into paths.features, on cfg.device."""
     cache = OmegaConf.to_container(cfg.cache, resolve=True)
     pairs = pairs_to_cache(read_pairs(Path(cfg.paths.pairs) / "pairs.csv"), cache["splits"], cache["max_pairs"])
     features_cfg = OmegaConf.to_container(cfg.features, resolve=True)
     return build_cache(pairs, features_cfg, cfg.registration.border_px, cfg.paths.features, cache["augment"],
-                       cfg.seed)
+                       cfg.seed, str(cfg.device))

@@ -32,6 +32,7 @@ from s2match.geo.georef import Grid
 from s2match.inference.registration import FeatureCache, Registration, RegistrationSettings, register
 from s2match.inference.scenes import ArrayScene
 from s2match.models.features import features_config
+from s2match.presets import override_group
 from s2match.tracking import flat_params, log_run, mlflow_metrics
 from s2match.twoview.pipeline import PHASES, KeypointExtractor, TwoViewPipeline, pipeline_config
 
@@ -48,16 +49,6 @@ class MethodSpec:
     config: dict[str, Any]
 
 
-def _override(base: dict[str, Any], override: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A group's config with a method's override: merged when it names the same thing (or nothing), replaced when
-    it names another (`features: {name: sift}` is SIFT with SIFT's defaults, not ALIKED's keys)."""
-    if not override:
-        return dict(base)
-    if "name" in override and override["name"] != base.get("name"):
-        return dict(override)
-    return {**base, **override}
-
-
 def method_specs(cfg: DictConfig) -> list[MethodSpec]:
     """The `evaluate.methods` list, each completed from the project's configuration."""
     base = pipeline_config(cfg)
@@ -69,7 +60,7 @@ def method_specs(cfg: DictConfig) -> list[MethodSpec]:
         unknown = sorted(set(entry) - METHOD_KEYS)
         if unknown:
             raise ValueError(f"{where} ({entry['name']}): unknown keys {unknown}; allowed: {sorted(METHOD_KEYS)}")
-        config = {**base, **{group: _override(base[group], entry.get(group)) for group in METHOD_KEYS - {"name"}}}
+        config = {**base, **{group: override_group(base[group], entry.get(group)) for group in METHOD_KEYS - {"name"}}}
         config["features"] = features_config(config["features"])
         specs.append(MethodSpec(str(entry["name"]), config))
     names = [spec.name for spec in specs]

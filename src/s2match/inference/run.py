@@ -23,6 +23,7 @@ from s2match.fileio import atomic_path, signals_held
 from s2match.inference.outputs import write_outputs
 from s2match.inference.registration import RegistrationSettings, register
 from s2match.inference.scenes import Scene, open_image
+from s2match.presets import with_preset
 from s2match.s2.products import ProductError
 from s2match.twoview.pipeline import TwoViewPipeline, pipeline_config
 
@@ -96,8 +97,9 @@ def check_valid_pixels(image: Scene, label: str) -> None:
 
 
 def run_inference(cfg: DictConfig) -> int:
-    """The `infer` entry point: register cfg.pair.image1 onto cfg.pair.image0 and write the run folder.
-    Returns 0 on success, EXIT_NO_TRANSFORM when no reliable transform was found."""
+    """The `infer` entry point: register cfg.pair.image1 onto cfg.pair.image0 with the preset cfg.preset and write
+    the run folder. Returns 0 on success, EXIT_NO_TRANSFORM when no reliable transform was found."""
+    cfg = with_preset(cfg)
     if "pair" not in cfg or not cfg.pair.get("image0") or not cfg.pair.get("image1"):
         raise ConfigError("no pair to match: give two images (python src/infer.py IMAGE0 IMAGE1), +pair=NAME "
                           "(conf/pair/) or +pair.image0=PATH +pair.image1=PATH")
@@ -121,7 +123,7 @@ def _infer(cfg: DictConfig) -> int:
     registration = register(*images, pipeline, RegistrationSettings.from_config(cfg.registration))
     report = registration.report
     report["timings"]["open_s"] = opened_s
-    report["model"] = pipeline.describe()
+    report["model"] = {"preset": str(cfg.preset), **pipeline.describe()}
     report["config"] = {**pipeline_config(cfg), **{group: OmegaConf.to_container(cfg[group], resolve=True)
                                                    for group in ("pair", "infer", "bands")}}
     check_run_folder(folder, paths)  # again: another run may have written there while this one matched

@@ -1,8 +1,9 @@
-"""LightGlue run layer by layer, so that every layer's assignment can be supervised (training) and scored.
+"""LightGlue run layer by layer, so that every layer's assignment and token confidence can be supervised and scored.
 
-kornia's `LightGlue.forward` returns only the last layer's assignment. This wrapper repeats its loop with the
-same submodules (input_proj, posenc, transformers[i], log_assignment[i]) and keeps each layer's output, so its
-state dict is exactly kornia's and weights move both ways without renaming.
+kornia's `LightGlue.forward` returns only the last layer's assignment, and computes the token confidences only
+while it prunes (it is trained with depth_confidence = width_confidence = -1). This wrapper repeats its loop with
+the same submodules (input_proj, posenc, transformers[i], log_assignment[i], token_confidence[i]) and keeps each
+layer's output, so its state dict is exactly kornia's and weights move both ways without renaming.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch import nn
 
 
 class LightGlueHead(nn.Module):
-    """Trainable LightGlue matcher returning the log assignment of every layer.
+    """Trainable LightGlue matcher returning the log assignment and the token-confidence logits of every layer.
 
     Early stopping and point pruning change the set of points from layer to layer, so the wrapped model must be
     built with depth_confidence=-1 and width_confidence=-1 (as for training in the paper). Descriptors are
@@ -62,6 +63,9 @@ class LightGlueHead(nn.Module):
 
         Returns:
             log_assignments: list over layers of (B, N+1, M+1) log assignment (last row / column: dustbins);
+            confidence_logits: list over every layer but the last of ((B, N), (B, M)) logits of the token
+                confidence (the sigmoid of which kornia's early stopping and pruning read), computed, as there, on
+                detached descriptors: training them leaves the matcher as it is;
             matches0 (B, N), matches1 (B, M), matching_scores0, matching_scores1 of the last layer, filtered by
             the model's filter_threshold exactly as kornia's LightGlue does (-1: unmatched).
         """
@@ -72,18 +76,37 @@ class LightGlueHead(nn.Module):
         desc0 = lightglue.input_proj(image0["descriptors"].detach())
         desc1 = lightglue.input_proj(image1["descriptors"].detach())
 
-        log_assignments = []
-        for transformer, assignment in zip(lightglue.transformers, lightglue.log_assignment):
+        log_assignments, confidence_logits = [], []
+        for layer, (transformer, assignment) in enumerate(zip(lightglue.transformers, lightglue.log_assignment)):
             desc0, desc1 = transformer(desc0, desc1, encoding0, encoding1)
             log_assignments.append(assignment(desc0, desc1)[0])
+            if layer < self.n_layers - 1:  # the last layer has no classifier: it always ends the run
+                classifier = lightglue.token_confidence[layer].token[0]  # the linear layer before the sigmoid
+                confidence_logits.append((classifier(desc0.detach()).squeeze(-1),
+                                          classifier(desc1.detach()).squeeze(-1)))
 
         matches0, matches1, scores0, scores1 = filter_matches(
             log_assignments[-1].detach(), lightglue.conf.filter_threshold
         )
         return {
             "log_assignments": log_assignments,
+            "confidence_logits": confidence_logits,
             "matches0": matches0,
             "matches1": matches1,
             "matching_scores0": scores0,
             "matching_scores1": scores1,
         }
+
+    def early_stop_layer(self, confidence_logits: list[tuple[torch.Tensor, torch.Tensor]], pair: int,
+                         depth_confidence: float) -> int:
+        """How many layers kornia's LightGlue runs on pair `pair` of the batch with adaptive depth
+        `depth_confidence` (-1: off): the first layer where more than that share of the points are confident
+        (confidence at least the layer's `confidence_thresholds`, kornia's `check_if_stop`), else all. Without
+        point pruning, which can move the stop by changing the points the later layers see."""
+        if depth_confidence > 0:
+            thresholds = self.lightglue.confidence_thresholds
+            for layer, (logits0, logits1) in enumerate(confidence_logits):
+                confidences = torch.sigmoid(torch.cat([logits0[pair], logits1[pair]]))
+                if 1.0 - (confidences < thresholds[layer]).float().mean() > depth_confidence:
+                    return layer + 1
+        return self.n_layers

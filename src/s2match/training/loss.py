@@ -1,8 +1,10 @@
-"""LightGlue training loss: NLL of the partial assignment with dustbins, deeply supervised over every layer."""
+"""LightGlue training losses: NLL of the partial assignment with dustbins, deeply supervised over every layer;
+binary cross-entropy of the token-confidence classifiers of adaptive depth and width."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from s2match.training.groundtruth import UNMATCHABLE
 
@@ -62,3 +64,31 @@ def deep_supervision_loss(
         "num_unmatchable": num_unmatchable.float().mean() / 2,
     }
     return loss, stats
+
+
+def confidence_targets(log_assignment: torch.Tensor, final_log_assignment: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whether each keypoint's prediction at one layer already is the final one: its best entry (a keypoint of the
+    other image or the dustbin) in this layer's (B, N+1, M+1) log assignment is the same as in the last layer's.
+    Returns (B, N) and (B, M) float 0/1 targets of the token-confidence classifiers, as glue-factory trains them."""
+    now, final = log_assignment.detach(), final_log_assignment.detach()
+    agree0 = now[:, :-1, :].argmax(-1) == final[:, :-1, :].argmax(-1)
+    agree1 = now[:, :, :-1].argmax(-2) == final[:, :, :-1].argmax(-2)
+    return agree0.float(), agree1.float()
+
+
+def confidence_loss(confidence_logits: list[tuple[torch.Tensor, torch.Tensor]],
+                    log_assignments: list[torch.Tensor]) -> torch.Tensor:
+    """Scalar loss of the token-confidence classifiers: binary cross-entropy of each layer's logits against
+    `confidence_targets` of that layer, the mean over the keypoints of each image, the two images averaged, then
+    averaged over the layers that have a classifier (all but the last) and over the pairs."""
+    if len(confidence_logits) != len(log_assignments) - 1 or not confidence_logits:
+        raise ValueError(f"confidence_loss: expected one pair of logits per layer but the last, got "
+                         f"{len(confidence_logits)} for {len(log_assignments)} layers")
+    per_layer = []
+    for (logits0, logits1), log_assignment in zip(confidence_logits, log_assignments):
+        target0, target1 = confidence_targets(log_assignment, log_assignments[-1])
+        bce0 = F.binary_cross_entropy_with_logits(logits0, target0, reduction="none").mean(-1)
+        bce1 = F.binary_cross_entropy_with_logits(logits1, target1, reduction="none").mean(-1)
+        per_layer.append((bce0 + bce1) / 2)
+    return torch.stack(per_layer).mean()
