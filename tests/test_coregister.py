@@ -1,32 +1,34 @@
 """Time-series co-registration (src/coregister.py, s2match.timeseries) on stacks built from real sample scenes.
 
-Each date is a real scene cropped to 384 px and shifted by a known amount (cubic resampling), written as a dated
-GeoTIFF on the original georeference, so the georeference says "aligned" while the content says "shifted": the
-co-registration must find the shifts. The T36UYA overview dates are co-registered by Sentinel-2's processing to a
-few metres, under 0.05 px of their 107 m pixels, so the synthetic shifts are the truth. Matching is SIFT with the
-ratio test (no network) so that each test takes seconds.
+Each date is a real scene cropped to 384 px, its content shifted by a known amount on its original georeference
+(s2match.timeseries.synthetic): the co-registration must find the shifts. Matching is SIFT with the ratio test (no
+network) so that each test takes seconds.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 import pytest
 import rasterio
-from distributed import LocalCluster
+from distributed import Client, LocalCluster
 from mlflow.tracking import MlflowClient
 from omegaconf import open_dict
 from rasterio.windows import Window
 
 from s2match import cli
 from s2match.config import PROJECT_ROOT, compose_config
-from s2match.geo.homography import warp_points
+from s2match.timeseries.graph import Edge, EdgeResult, Reliability, plan_edges, solve
 from s2match.timeseries.run import coregister
+from s2match.timeseries.synthetic import centre_error, shifted, shifted_date, write_dated
 
 SAMPLE = PROJECT_ROOT / "data" / "sample"
 T36UYA = SAMPLE / "t36uya_overview"
@@ -38,30 +40,9 @@ SHIFTS = {"20190815": (2.6, 1.2), "20190825": (-0.8, 0.15), "20190830": (0.0, 0.
 TOLERANCE_PX = 0.2
 
 
-def shifted(data: np.ndarray, shift: tuple[float, float]) -> np.ndarray:
-    """(H, W) float32 content moved by `shift` px: out(p + shift) = data(p)."""
-    H = np.array([[1.0, 0.0, shift[0]], [0.0, 1.0, shift[1]], [0.0, 0.0, 1.0]])
-    return cv2.warpPerspective(data, H, (data.shape[1], data.shape[0]), flags=cv2.INTER_CUBIC)
-
-
-def write_date(path: Path, data: np.ndarray, transform, crs, day: str) -> Path:
-    """A dated float32 GeoTIFF (1 .. 255: 0 is no data)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with rasterio.open(path, "w", driver="GTiff", dtype="float32", count=1, width=data.shape[1],
-                       height=data.shape[0], crs=crs, transform=transform, tiled=True, blockxsize=128,
-                       blockysize=128, compress="deflate") as dst:
-        dst.write(np.clip(data, 1, 255).astype(np.float32)[None])
-        dst.update_tags(DATE=day)
-    return path
-
-
 def t36uya_date(folder: Path, day: str, shift: tuple[float, float], name: str | None = None) -> Path:
     """A 384 px crop of the T36UYA overview of `day`, its content shifted by `shift` px."""
-    with rasterio.open(T36UYA / f"{day}.tif") as src:
-        whole = src.read(1).astype(np.float32)
-        transform, crs = src.window_transform(CROP), src.crs
-    data = shifted(whole, shift)[CROP.row_off: CROP.row_off + CROP.height, CROP.col_off: CROP.col_off + CROP.width]
-    return write_date(folder / (name or f"{day}.tif"), data, transform, crs, day)
+    return shifted_date(T36UYA / f"{day}.tif", CROP, shift, folder / (name or f"{day}.tif"), day)
 
 
 def compose(tmp_path: Path, files: list[Path], *overrides: str):
@@ -77,13 +58,6 @@ def run_stack(tmp_path: Path, files: list[Path], *overrides: str) -> tuple[dict,
     out = tmp_path / "out"
     return (json.loads((out / "summary.json").read_text()), pd.read_csv(out / "report" / "shifts.csv"),
             pd.read_csv(out / "report" / "edges.csv"))
-
-
-def centre_error(row: dict, truth: tuple[float, float], size: tuple[int, int] = (384, 384)) -> float:
-    """Distance (px) at the reference's centre between the recovered H_ref->date and the true shift."""
-    centre = np.array([[size[0] / 2 - 0.5, size[1] / 2 - 0.5]])
-    found = warp_points(np.array(json.loads(row["homography"])), centre)
-    return float(np.linalg.norm(found - (centre + np.array(truth))))
 
 
 def assert_cog_on_grid(path: Path, reference: Path) -> None:
@@ -116,7 +90,7 @@ def test_known_shifts_of_five_real_dates_recovered_on_a_two_worker_cluster(tmp_p
     ref_shift = np.array(SHIFTS[reference.replace("-", "")])
     for row in table.to_dict("records"):
         truth = tuple(np.array(SHIFTS[row["date"].replace("-", "")]) - ref_shift)
-        assert centre_error(row, truth) < TOLERANCE_PX, row
+        assert centre_error(row["homography"], truth, (384, 384)) < TOLERANCE_PX, row
         assert row["status"] in ("reference", "direct", "chain")
         assert_cog_on_grid(tmp_path / "out" / row["output"], summer_stack[0])
     # each worker built its pipeline once and used it for every pair it registered
@@ -150,9 +124,9 @@ def test_winter_date_reaches_the_summer_reference_through_spring(tmp_path):
     rows, cols = np.indices(winter.shape)
     spring = np.where((rows < 192) == (cols < 192), winter, summer)
     shifts = {"winter": (1.3, -0.7), "spring": (-0.4, 0.6)}
-    files = [write_date(tmp_path / "in" / "summer.tif", summer, transform, crs, "20190715"),
-             write_date(tmp_path / "in" / "spring.tif", shifted(spring, shifts["spring"]), transform, crs, "20190410"),
-             write_date(tmp_path / "in" / "winter.tif", shifted(winter, shifts["winter"]), transform, crs, "20190120")]
+    files = [write_dated(tmp_path / "in" / "summer.tif", summer, transform, crs, "20190715"),
+             write_dated(tmp_path / "in" / "spring.tif", shifted(spring, shifts["spring"]), transform, crs, "20190410"),
+             write_dated(tmp_path / "in" / "winter.tif", shifted(winter, shifts["winter"]), transform, crs, "20190120")]
     summary, table, edges = run_stack(tmp_path, files, "coregister.reference=2019-07-15", "coregister.scheduler=none",
                                       "coregister.min_inliers=20", "coregister.max_sigma_px=0.2")
     rows = table.set_index("date")
@@ -163,7 +137,7 @@ def test_winter_date_reaches_the_summer_reference_through_spring(tmp_path):
     assert rows.loc["2019-01-20", "reason"].startswith("direct registration failed")
     assert summary["dates_chain"] == 1 and summary["dates_direct"] == 1
     # by construction the chain carries the winter shift (the real winter and summer scenes are taken as aligned)
-    assert centre_error(rows.loc["2019-01-20"].to_dict(), shifts["winter"]) < TOLERANCE_PX
+    assert centre_error(rows.loc["2019-01-20", "homography"], shifts["winter"], (384, 384)) < TOLERANCE_PX
     assert "2019-07-15 &gt; 2019-04-10 &gt; 2019-01-20" in (tmp_path / "out" / "report" / "index.html").read_text()
 
 
@@ -195,6 +169,39 @@ def test_a_task_that_keeps_raising_is_retried_and_its_date_reported(tmp_path, su
         assert_cog_on_grid(tmp_path / "out" / row["output"], summer_stack[0])
 
 
+def test_a_worker_killed_mid_run_is_replaced_and_its_pair_registered_again(tmp_path, summer_stack):
+    """Two worker processes; the one registering a pair is killed (SIGKILL): Dask restarts it and runs the pair
+    again, and every date comes out registered, its COG valid."""
+    killed = {}
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as local, \
+            Client(local) as watcher:
+        pids = watcher.run(os.getpid)
+
+        def kill_a_registering_worker() -> None:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not killed:
+                for worker, keys in watcher.processing().items():
+                    busy = [key for key in keys if str(key).startswith("register-")]
+                    if busy and worker in pids:
+                        killed.update(worker=worker, key=str(busy[0]))
+                        os.kill(pids[worker], signal.SIGKILL)
+                        return
+                time.sleep(0.05)
+
+        thread = threading.Thread(target=kill_a_registering_worker)
+        thread.start()
+        summary, table, edges = run_stack(tmp_path, summer_stack, f"coregister.scheduler={local.scheduler_address}",
+                                          "coregister.reference=2019-08-30")
+        thread.join()
+    assert killed, "no registration was seen running"
+    assert summary["dates_direct"] + summary["dates_chain"] == 4 and summary["dates_failed"] == 0
+    source, target = killed["key"].split("-", 1)[1].rsplit("-", 1)[0].split("__")
+    rerun = edges[(edges["source"] == source) & (edges["target"] == target)].iloc[0]
+    assert rerun["success"] and rerun["worker"] != killed["worker"]
+    for row in table.to_dict("records"):
+        assert_cog_on_grid(tmp_path / "out" / row["output"], summer_stack[0])
+
+
 def test_a_cloudy_date_is_skipped_with_its_reason(tmp_path, summer_stack):
     """A loose L2A-style product (ESA names) whose SCL says 90 % cloud over the AOI."""
     band = t36uya_date(tmp_path / "cloudy", "20190830", (0.7, 0.2), name="T36UYA_20190827T085601_B04.tif")
@@ -220,3 +227,41 @@ def test_a_stack_of_one_date_is_a_one_line_error(tmp_path, summer_stack, monkeyp
     assert exit_.value.code == 1
     assert capsys.readouterr().err == f"error: a stack needs at least 2 dates to co-register, got 1 ({summer_stack[0]})\n"
     assert not (tmp_path / "out").exists()
+
+
+def translation(dx: float, dy: float) -> np.ndarray:
+    return np.array([[1.0, 0.0, dx], [0.0, 1.0, dy], [0.0, 0.0, 1.0]])
+
+
+def test_graph_plans_the_star_and_the_neighbours_once():
+    names = ["d1", "d2", "d3", "d4"]
+    edges = plan_edges(names, "d3", neighbours=1)
+    assert [(e.source, e.target, e.kind) for e in edges] == [
+        ("d3", "d1", "reference"), ("d3", "d2", "reference"), ("d3", "d4", "reference"), ("d1", "d2", "neighbour")]
+    assert len(plan_edges(names, "d3", neighbours=2)) == 3 + 2  # d1-d2, d2-d4 (d1-d3, d2-d3, d3-d4 are star edges)
+
+
+def test_graph_routes_direct_chain_or_failed_and_composes_hops_either_way():
+    rules = Reliability(min_inliers=30, max_sigma_px=0.2, hop_sigma_px=0.05)
+
+    def result(source, target, H, inliers=100, sigma=0.05):
+        return EdgeResult(Edge(source, target, "x"), True, "", H, inliers, 0.1, sigma)
+
+    # truth: date d is shifted by (d, -d) px from the reference r
+    results = [result("r", "a", translation(1, -1)), result("r", "b", translation(2, -2), inliers=12),
+               result("a", "b", translation(1, -1)), result("c", "b", translation(-1, 1)),  # c -> b, taken backwards
+               result("r", "c", translation(3, -3), sigma=0.9), result("r", "e", translation(5, 5), inliers=5)]
+    routes = solve(["r", "a", "b", "c", "e"], "r", results, rules, np.array([[10.0, 10.0]]))
+    assert routes["a"].status == "direct" and routes["a"].path == ["r", "a"]
+    assert routes["b"].status == "chain" and routes["b"].path == ["r", "a", "b"]
+    assert routes["b"].reason.startswith("direct registration weak: 12 tie points")
+    np.testing.assert_allclose(routes["b"].H, translation(2, -2))
+    assert routes["c"].path == ["r", "a", "b", "c"] and "precision 0.900 px" in routes["c"].reason
+    np.testing.assert_allclose(routes["c"].H, translation(3, -3))
+    assert routes["c"].sigma_px == pytest.approx(np.sqrt(3 * (0.05**2 + 0.05**2)))
+    assert routes["e"].status == "failed" and "no chain of reliable registrations" in routes["e"].reason
+    assert routes["r"].status == "reference" and np.isnan(routes["a"].closure_px)  # r > b is weak: no other route
+    # with r > b reliable, `a` has a second route r > b > a: the closure compares the two at the centre
+    twin = solve(["r", "a", "b"], "r", [results[0], result("r", "b", translation(2.1, -2)), results[2]], rules,
+                 np.array([[10.0, 10.0]]))
+    assert twin["a"].closure_px == pytest.approx(0.1)

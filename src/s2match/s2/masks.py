@@ -164,8 +164,8 @@ def find_cloud_mask(product: Product) -> CloudMask | None:
     if product.path.is_dir() and any(product.path.glob("GRANULE/*")):
         for kind, pattern in (("SCL", "GRANULE/*/IMG_DATA/R20m/*_SCL_20m.jp2"),
                               ("SCL", "GRANULE/*/IMG_DATA/R60m/*_SCL_60m.jp2"),
-                              ("MSK_CLASSI", "GRANULE/*/QI_DATA/*MSK_CLASSI_B00*.jp2"),
-                              ("MSK_CLOUDS", "GRANULE/*/QI_DATA/*MSK_CLOUDS_B00*.gml")):
+                              ("MSK_CLASSI", "GRANULE/*/QI_DATA/*MSK_CLASSI*B00*.jp2"),
+                              ("MSK_CLOUDS", "GRANULE/*/QI_DATA/*MSK_CLOUDS*B00*.gml")):
             found = sorted(product.path.glob(pattern))
             if found:
                 return CloudMask(found[0], kind)

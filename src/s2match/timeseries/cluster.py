@@ -160,7 +160,7 @@ def open_executor(cfg: Mapping[str, Any], spec: MatcherSpec, threads_in_process:
                          "such as tcp://host:8786")
     registered = False
     try:
-        workers = len(client.scheduler_info()["workers"])
+        workers = len(client.nthreads())
         log.info("Dask: %d worker(s) at %s; dashboard: %s", workers, client.scheduler.address, client.dashboard_link)
         if workers == 0:
             log.warning("the Dask cluster has no worker yet: tasks wait until workers join")

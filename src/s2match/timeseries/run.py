@@ -24,7 +24,7 @@ from s2match.fileio import atomic_path
 from s2match.inference.scenes import Scene, SceneImage
 from s2match.s2.masks import MaskClasses
 from s2match.timeseries.cluster import WorkerContext, open_executor
-from s2match.timeseries.graph import CHAIN, DIRECT, FAILED, REFERENCE, Edge, EdgeResult, Reliability, Route, \
+from s2match.timeseries.graph import CHAIN, DIRECT, FAILED, Edge, EdgeResult, Reliability, Route, \
     plan_edges, solve
 from s2match.timeseries.matching import MatcherSpec
 from s2match.timeseries.outputs import REPORT_DIR, SKIPPED, edges_table, pixel_metres, plot_shifts, shifts_table, \
@@ -67,7 +67,7 @@ def coregister(cfg: DictConfig) -> int:
     """The `coregister` entry point (see the module docstring). Returns 0: dates that could not be registered are
     reported in the outputs, not a failure of the run."""
     if "stack" not in cfg or not cfg.stack.get("name"):
-        raise KeyError("no stack to co-register: pass +stack=NAME (conf/stack/), or +stack.name=NAME with "
+        raise ValueError("no stack to co-register: pass +stack=NAME (conf/stack/), or +stack.name=NAME with "
                        "+stack.files=[...], +stack.folder=PATH or +stack.aoi=AOI")
     start = time.perf_counter()
     co, name = cfg.coregister, str(cfg.stack.name)
@@ -134,6 +134,8 @@ def coregister(cfg: DictConfig) -> int:
         plot_shifts(table, pixel_metres(ref_scene.grid), f"{name}: shifts at the centre of the reference "
                     f"{reference} (+- sigma)", report / "shifts.png")
         summary = summarise(name, table, reference, choice, results, time.perf_counter() - start)
+        if len(summary["weights"]) > 1:  # a worker without the weights file falls back to the pretrained matcher
+            log.warning("the workers matched with different weights: %s", summary["weights"])
         write_html(table, summary, written, report / "index.html")
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     run_id = log_run(OmegaConf.to_container(cfg.mlflow, resolve=True), cfg.mlflow.experiments.coregister, name,

@@ -194,7 +194,8 @@ def skip_reason(survey: Survey, mask: CloudMask | None, min_clear: float) -> str
     if survey.clear >= min_clear:
         return ""
     masked = f"{survey.cloud:.0%} cloud ({mask.kind})" if mask is not None else "no cloud mask"
-    return (f"too cloudy over the AOI: {survey.clear:.0%} clear < coregister.min_clear {min_clear:.0%} "
+    what = "too cloudy" if survey.cloud >= survey.no_data else "too little data"
+    return (f"{what} over the AOI: {survey.clear:.0%} clear < coregister.min_clear {min_clear:.0%} "
             f"({masked}, {survey.no_data:.0%} no data)")
 
 
