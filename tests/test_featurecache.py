@@ -40,7 +40,10 @@ def write_tiny_pairs(sample_dir: Path, out: Path, splits: dict[str, int], size: 
                                    dtype="float32") as dst:
                     dst.write(crop.astype(np.float32))
             H = random_homography(rng, (size, size), 10.0, (0.9, 1.1), 0.05, 0.02, 0.5)
-            rows.append({"pair_id": f"{split}{i}", "split": split, "path0": str(paths["winter"]),
+            rows.append({"pair_id": f"{split}{i}", "split": split, "aoi": "ua-T36UUA", "location": "ua-T36UUA",
+                         "tile_id": f"r{i}", "season_kind": "winter-summer", "scene0": "ua-T36UUA-winter",
+                         "scene1": "ua-T36UUA-summer", "date0": "", "date1": "", "season0": "winter",
+                         "season1": "summer", "path0": str(paths["winter"]),
                          "path1": str(paths["summer"]), "width": size, "height": size,
                          "homography": json.dumps(H.ravel().tolist())})
     pairs_dir = out / "pairs"
@@ -102,6 +105,11 @@ def test_augmentation_is_seeded(pairs, cached, tmp_path):
     load = lambda folder: torch.load(folder / "train0.pt", weights_only=True)["descriptors0"]  # noqa: E731
     assert torch.equal(load(tmp_path / "a" / "aliked"), load(tmp_path / "b" / "aliked"))
     assert not torch.equal(load(tmp_path / "a" / "aliked"), load(cached[1]))
+    # validation pairs are never jittered: the checkpoint is chosen on the images as they are
+    val = pairs[pairs.split == "val"]
+    build_cache(val, ALIKED_SMALL, BORDER_PX, tmp_path / "v", augment, seed=1)
+    load_val = lambda folder: torch.load(folder / "val0.pt", weights_only=True)["descriptors0"]  # noqa: E731
+    assert torch.equal(load_val(tmp_path / "v" / "aliked"), load_val(cached[1]))
     with pytest.raises(ValueError, match="hue"):
         build_cache(one, ALIKED_SMALL, BORDER_PX, tmp_path / "c", {"hue": 0.1})
 

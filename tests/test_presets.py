@@ -15,7 +15,7 @@ import rasterio
 import torch
 from rasterio.windows import Window
 
-from s2match.config import PARAMS_FILE, PROJECT_ROOT, compose_config, load_config
+from s2match.config import PARAMS_FILE, PIPELINE_CONFIG, PROJECT_ROOT, compose_config, load_config
 from s2match.evaluation.runner import method_specs
 from s2match.models.lightglue import build_lightglue
 from s2match.presets import with_preset
@@ -41,7 +41,8 @@ def test_fast_replaces_features_and_picks_its_weights_and_folders():
     assert fast.paths.train == "outputs/train_fast" and fast.paths.features == "outputs/features_fast"
     assert fast.matcher.depth_confidence == -1 and fast.matcher.width_confidence == 0.95  # LighterGlue's own
     # DVC stages read params.yaml, resolved: the preset gives the same configuration there
-    assert with_preset(load_config(["--params", str(PARAMS_FILE), "preset=fast"])) == fast
+    assert with_preset(load_config(["preset=fast"], PARAMS_FILE)) == with_preset(
+        compose_config(["preset=fast"], PIPELINE_CONFIG))
     moved = with_preset(compose_config(["preset=fast", "presets.fast.paths.train=/tmp/elsewhere"]))
     assert moved.matcher.weights == "/tmp/elsewhere/matcher.pt"
 

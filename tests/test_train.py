@@ -17,10 +17,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from s2match.config import PROJECT_ROOT, compose_config, render_params
-from s2match.data.featurecache import build_cache, pairs_to_cache
+from s2match.config import PIPELINE_CONFIG, PROJECT_ROOT, compose_config, render_params
+from s2match.data.featurecache import write_cache
 from s2match.models.lightglue import build_lightglue
-from s2match.data.pairs import read_pairs
 from s2match.tracking import DEFAULT_TRACKING_URI, resolve_tracking_uri
 from test_featurecache import write_tiny_pairs
 
@@ -60,8 +59,7 @@ def killed_run(sample_dir, tmp_path_factory) -> dict:
     paths = [f"paths.pairs={pairs_dir}", f"paths.features={work / 'features'}", f"paths.train={work / 'train'}",
              f"mlflow.artifact_location={work / 'mlruns'}", "mlflow.log_checkpoints=true"]
     cfg = compose_config(["train=smoke", *paths])
-    build_cache(pairs_to_cache(read_pairs(pairs_dir / "pairs.csv"), ["train", "val"]), cfg.features,
-                cfg.registration.border_px, cfg.paths.features)
+    write_cache(cfg)  # what the features stage does
     train = [sys.executable, str(PROJECT_ROOT / "src/train.py"), "train=smoke", *paths]
     last = work / "train" / "checkpoints" / "last.ckpt"
     log = work / "killed.log"
@@ -174,7 +172,7 @@ def test_dvc_stages_train_deterministically(killed_run, sample_dir, tmp_path):
             (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(source, tmp_path / name)
     write_tiny_pairs(sample_dir, tmp_path / "outputs", TINY_SPLITS)
-    (tmp_path / "params.yaml").write_text(render_params(compose_config(["train=smoke"])))
+    (tmp_path / "params.yaml").write_text(render_params(compose_config(["train=smoke"], PIPELINE_CONFIG)))
     env = killed_run["env"]  # the same MLflow store: no second database to create
     command(["git", "init", "-q"], tmp_path, env)
     command(["git", "add", "."], tmp_path, env)

@@ -30,8 +30,6 @@ from yaml import YAMLError
 
 from s2match.fileio import write_text
 
-from s2match.fileio import write_text
-
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = PROJECT_ROOT / "conf"
 PARAMS_FILE = PROJECT_ROOT / "params.yaml"

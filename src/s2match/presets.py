@@ -14,6 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from s2match.config import literal
 from s2match.models.features import features_config
 
 
@@ -39,4 +40,13 @@ def with_preset(cfg: DictConfig) -> DictConfig:
             raise ValueError(f"presets.{name}.{group}: not a group of the configuration")
         resolved[group] = override_group(resolved[group], override)
     resolved["features"] = features_config(resolved["features"])
-    return OmegaConf.create(resolved)
+    return OmegaConf.create(_as_literals(resolved))
+
+
+def _as_literals(node: Any) -> Any:
+    """Resolved values kept as they are when made a config again (a path holding `${` is no interpolation)."""
+    if isinstance(node, dict):
+        return {key: _as_literals(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_as_literals(value) for value in node]
+    return literal(node) if isinstance(node, str) else node

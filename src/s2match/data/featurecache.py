@@ -122,12 +122,14 @@ def cache_dir(root: str | Path, features_cfg: Mapping[str, Any]) -> Path:
 
 def build_cache(pairs: pd.DataFrame, features_cfg: Mapping[str, Any], border_px: int, root: str | Path,
                 augment_cfg: Mapping[str, Any] | None = None, seed: int = 0, device: str = "cpu") -> pd.DataFrame:
-    """Extract and store the features of `pairs` under `root/<feature name>/` on `device` (auto | cpu | cuda);
-    write and return its index. Entries already there with the same fingerprint are kept as they are."""
+    """Extract and store the features of `pairs` under `root/<feature name>/` on `device` (auto | cpu | cuda),
+    the training split's images jittered by `augment_cfg`; write and return its index. Entries already there with the same fingerprint are kept as they are."""
     directory = cache_dir(root, features_cfg)
     directory.mkdir(parents=True, exist_ok=True)
     rows = pairs.to_dict("records")
-    prints = [fingerprint(row, features_cfg, border_px, augment_cfg, seed) for row in rows]
+    # only training pairs are jittered: validation picks the checkpoint on the images as they are
+    augments = [augment_cfg if row["split"] == "train" else None for row in rows]
+    prints = [fingerprint(row, features_cfg, border_px, augment, seed) for row, augment in zip(rows, augments)]
     todo = [i for i, (row, print_) in enumerate(zip(rows, prints))
             if _cached_fingerprint(directory / f"{row['pair_id']}.pt") != print_]
     log.info("feature cache %s: %d pairs, %d already cached, %d to extract", directory, len(rows),
@@ -136,7 +138,7 @@ def build_cache(pairs: pd.DataFrame, features_cfg: Mapping[str, Any], border_px:
         extractor = KeypointExtractor(build_features(features_cfg), border_px, resolve_device(device))
         augmentation = build_augmentation(augment_cfg)
         for i in tqdm(todo, desc=f"{features_cfg['name']} features", unit="pair"):
-            entry = extract_pair(rows[i], extractor, augmentation, seed)
+            entry = extract_pair(rows[i], extractor, augmentation if augments[i] else None, seed)
             entry["fingerprint"] = prints[i]
             with atomic_path(directory / f"{rows[i]['pair_id']}.pt") as tmp:
                 torch.save(entry, tmp)

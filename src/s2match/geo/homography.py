@@ -104,7 +104,8 @@ def random_homography(
 def warp_image(img: np.ndarray, H: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resample img (H x W or H x W x C) into the image1 frame of `size`=(width, height): out(H(p)) = img(p).
 
-    Bilinear interpolation, OpenCV pixel convention. Output pixels whose source lies outside the image
+    Bicubic interpolation (bilinear smooths by an amount that varies with the sub-pixel offset, which biases
+    the sub-pixel refinement), OpenCV pixel convention. Output pixels whose source lies outside the image
     footprint (edges at -0.5 and W - 0.5) are NaN for float images and 0 for integer images.
     """
     img = np.asarray(img)
@@ -114,9 +115,9 @@ def warp_image(img: np.ndarray, H: np.ndarray, size: tuple[int, int]) -> np.ndar
         img = img.astype(np.float32)  # OpenCV cannot resample float16
     H = np.asarray(H, dtype=np.float64)
     dsize = (int(size[0]), int(size[1]))
-    # A NaN border would leak into the last row and column through zero bilinear weights (0 * NaN = NaN), so
+    # A NaN border would leak into the last row and column through zero interpolation weights (0 * NaN = NaN), so
     # resample with a replicated border and cut the footprint out with a nearest-neighbour mask instead.
-    warped = cv2.warpPerspective(img, H, dsize, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    warped = cv2.warpPerspective(img, H, dsize, flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
     footprint = np.ones(img.shape[:2], dtype=np.uint8)
     inside = cv2.warpPerspective(footprint, H, dsize, flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT) > 0
     # OpenCV drops a trailing single channel axis; keep the caller's layout.

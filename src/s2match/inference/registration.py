@@ -9,12 +9,14 @@ co-registration all call `register`, so what the evaluation measures is what use
    by the two-view pipeline and robustly fitted. When that fit is weak, image1 is also tried with its contrast
    inverted (snow-covered fields can turn dark against their hedges) and, without a prior to fix the
    orientation, at the other right angles; the candidate with most inliers is kept.
-3. Second pass (`second_pass`): up to `max_tiles` full-resolution tiles of image0 (spread over the overlap, most
+3. Second pass (`second_pass`; `auto`: only where the coarse overview is coarser than the image): up to `max_tiles` full-resolution tiles of image0 (spread over the overlap, most
    coarse inliers then most texture); for each, image1 is resampled into the tile's frame by the coarse transform
    (only the window it needs is read), so the matcher sees two nearly aligned views at equal scale and
    orientation; matches go back to full-resolution pixels of both images and one robust fit takes them all.
 4. Refinement (`refine`): image1 is resampled into each tile by that fit, and each inlier tie point is refined by
-   area correlation (s2match.twoview.refinement); the reliable refined tie points give the final fit.
+   area correlation (s2match.twoview.refinement); a robust fit to the reliable refined shifts corrects that fit
+   (the final H is the fit composed with the correction: affine, or a homography where the tie points show
+   perspective beyond their noise).
 
 Pixel convention (OpenCV): (x, y), (0, 0) the centre of the top-left pixel; boxes (x0, y0, x1, y1) in pixel edges.
 """
@@ -46,20 +48,25 @@ WINDOW_PAD_PX = 2
 # A tile narrower than this share of tile_size (at the overlap's edge) has too little content to match.
 MIN_TILE_FRACTION = 0.25
 QUARTER_TURNS = (0, 1, 2, 3)
+# Image1 is read coarser than native for a view only from this many image1 px per view px (guided_view).
+READ_COARSER_ABOVE = 1.5
+# second_pass=auto: coarse matches coarser than this (image0 px per overview px: whole scenes) are brought to full
+# resolution by the second pass; finer ones (small images, matched whole) are within the refinement's reach.
+AUTO_SECOND_PASS_SCALE = 1.5
 
 
 @dataclass(frozen=True)
 class RegistrationSettings:
     """conf/registration/: see the module docstring. `search_accept`: inliers of the upright, same-contrast coarse
     fit above which no other orientation (`search_orientation`) or contrast (`search_contrast`) is tried;
-    `refined_threshold`: inlier threshold (px) of the final fit on refined tie points."""
+    `refined_threshold`: inlier threshold (px) of the correction fitted to the refined tie points."""
 
     coarse_size: int
     tile_size: int
     max_tiles: int
     guide_tolerance: float
     min_valid: float
-    second_pass: bool
+    second_pass: bool | str  # true | false | "auto"
     refine: bool
     search_orientation: bool
     search_contrast: bool
@@ -68,7 +75,13 @@ class RegistrationSettings:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> RegistrationSettings:
+        if cfg["second_pass"] not in (True, False, "auto"):
+            raise ValueError(f"registration.second_pass={cfg['second_pass']}: expected true, false or auto")
         return cls(**{name: cfg[name] for name in cls.__dataclass_fields__})
+
+    def runs_second_pass(self, coarse_scale: float) -> bool:
+        """Whether to match again per tile, given the image0 px per coarse overview px."""
+        return self.second_pass is True or (self.second_pass == "auto" and coarse_scale > AUTO_SECOND_PASS_SCALE)
 
 
 @dataclass
@@ -147,8 +160,10 @@ def guided_view(image1: Scene, guide: np.ndarray, box0: Box, out_size: tuple[int
     box1 = (int(max(x0, 0)), int(max(y0, 0)), int(min(x1, width1)), int(min(y1, height1)))
     if box1[2] <= box1[0] or box1[3] <= box1[1]:
         return None
-    # Image1 pixels per view pixel: read coarser when image1 is finer than the view, never finer than native.
-    factor = max(1.0, area_scale(view_to_image1, np.array(out_size) / 2.0))
+    # Image1 pixels per view pixel: read coarser only when image1 is much finer than the view (against aliasing);
+    # near-equal grids are resampled once, from native pixels, which keeps the finest detail for the refinement.
+    scale = area_scale(view_to_image1, np.array(out_size) / 2.0)
+    factor = scale if scale >= READ_COARSER_ABOVE else 1.0
     read_size = (max(1, math.ceil((box1[2] - box1[0]) / factor)), max(1, math.ceil((box1[3] - box1[1]) / factor)))
     window = image1.read(box1, read_size)
     window_to_view = np.linalg.inv(view_to_image1) @ box_to_pixels(box1, read_size)
@@ -428,9 +443,11 @@ def register(image0: Scene, image1: Scene, pipeline: TwoViewPipeline, settings: 
     scores = tile_scores(candidates, coarse.overview0, box0, guide, image1.size, coarse.matches.pts0[coarse.fit.inliers])
     tiles = [candidates[i] for i in select_tiles(candidates, scores, box0, settings.max_tiles, settings.min_valid)]
     report["tiles"] = {"candidates": len(candidates), "used": len(tiles)}
-    if settings.second_pass:
-        # image0 pixels per coarse overview pixel: the guide's accuracy is a few of them
-        radius = settings.guide_tolerance * max(1.0, (box0[2] - box0[0]) / coarse.overview0.shape[2])
+    # image0 pixels per coarse overview pixel: the guide's accuracy is a few of them
+    coarse_scale = max(1.0, (box0[2] - box0[0]) / coarse.overview0.shape[2])
+    report["second_pass"] = settings.runs_second_pass(coarse_scale)
+    if report["second_pass"]:
+        radius = settings.guide_tolerance * coarse_scale
         with run.timings.phase("fine_s"):
             matches, per_tile = run.second_pass(tiles, guide, radius, coarse.how.inverted)
         report["tiles"].update(guide_radius_px=radius, per_tile=per_tile)
@@ -443,13 +460,18 @@ def register(image0: Scene, image1: Scene, pipeline: TwoViewPipeline, settings: 
     if fit.success and settings.refine:
         tie_points = run.refine(tiles, fit.H, matches, fit.inliers)
         reliable = tie_points.status == "ok"
-        refit = run.fit(tie_points.pts0[reliable], tie_points.pts1[reliable], settings.refined_threshold)
+        # The refined shifts correct the matcher's fit in image0's frame (H <- H o C): see fit_correction.
+        to_frame0 = np.linalg.inv(fit.H)
+        with run.timings.phase("fit_s"):
+            refit = run.pipeline.estimator.fit_correction(tie_points.pts0[reliable],
+                                                      warp_points(to_frame0, tie_points.pts1[reliable]),
+                                                      settings.refined_threshold)
         report["refinement"] = {"windows": int(len(tie_points.status)), "reliable": int(reliable.sum()),
                                 "rejected": {reason: int(np.sum(tie_points.status == reason))
                                              for reason in ("no data", "low correlation", "shift too large")},
                                 "inliers": refit.n_inliers, "used": refit.success, "reason": refit.reason}
         if refit.success:
-            H, used = refit.H, "refined tie points"
+            H, used = fit.H @ refit.H, "refined tie points"
             keep = np.flatnonzero(reliable)[refit.inliers]
             tie_points.status[np.flatnonzero(reliable)[~refit.inliers]] = "outlier"
             support0, support1 = tie_points.pts0[keep], tie_points.pts1[keep]

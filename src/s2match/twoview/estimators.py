@@ -16,7 +16,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from s2match.geo.homography import as_points
+from s2match.geo.homography import as_points, residuals
 
 ROBUST_METHODS = {
     "usac_magsac": cv2.USAC_MAGSAC,
@@ -31,6 +31,9 @@ MIN_SAMPLE = 4
 # collapsed (near-singular) or blown up, which real image pairs never do.
 MIN_AREA_SCALE = 1e-4
 MAX_AREA_SCALE = 1e4
+
+# fit_correction: a homography instead of an affine correction only when it divides the squared residuals by this.
+PERSPECTIVE_GAIN = 2.0
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,41 @@ class RobustEstimator:
         if H is None or mask is None:
             return failure(len(pts0), "no homography found (degenerate configuration, e.g. collinear points)")
         return self._checked(np.asarray(H, np.float64), mask.ravel().astype(bool), pts0)
+
+    def fit_correction(self, pts0, pts1, threshold: float | None = None) -> FitResult:
+        """The correction pts1 ~ C(pts0) of a fit by refined tie points, both in one frame: affine (robust), or a
+        homography on the affine's inliers where perspective explains most of what the affine leaves (it cuts the
+        sum of squared residuals by PERSPECTIVE_GAIN). Six parameters stay stable on few, clustered tie points of
+        two seasons, whose residuals are local change, not perspective (a homography gains ~1-1.3x there and
+        extrapolates that change to the corners); eight take out what a biased first fit left (7-15x on one
+        date)."""
+        affine = self.fit_affine(pts0, pts1, threshold)
+        if not affine.success:
+            return affine
+        pts0, pts1 = _pair(pts0, pts1)
+        support0, support1 = pts0[affine.inliers], pts1[affine.inliers]
+        H, _ = cv2.findHomography(support0, support1, 0)
+        if H is None:
+            return affine
+        affine_squares, homography_squares = (np.sum(residuals(C, support0, support1) ** 2) for C in (affine.H, H))
+        if affine_squares > PERSPECTIVE_GAIN * homography_squares:
+            return self._checked(np.asarray(H, np.float64), affine.inliers, pts0)
+        return affine
+
+    def fit_affine(self, pts0, pts1, threshold: float | None = None) -> FitResult:
+        """Robust affine fit pts1 ~ A(pts0) (RANSAC, then Levenberg-Marquardt on the inliers) as a 3x3 matrix, with
+        the same minimum support and failure rules as `fit`."""
+        pts0, pts1 = _pair(pts0, pts1)
+        needed = max(MIN_SAMPLE, self.min_inliers)
+        if len(pts0) < needed:
+            return failure(len(pts0), f"{len(pts0)} correspondences, need at least {needed}")
+        if not (np.all(np.isfinite(pts0)) and np.all(np.isfinite(pts1))):
+            return failure(len(pts0), "correspondences contain non-finite coordinates")
+        A, mask = cv2.estimateAffine2D(pts0, pts1, method=cv2.RANSAC, ransacReprojThreshold=threshold or self.threshold,
+                                       maxIters=self.max_iters, confidence=self.confidence, refineIters=10)
+        if A is None or mask is None:
+            return failure(len(pts0), "no affine transform found (degenerate configuration, e.g. collinear points)")
+        return self._checked(np.vstack([A, [0.0, 0.0, 1.0]]), mask.ravel().astype(bool), pts0)
 
     def _checked(self, H: np.ndarray, inliers: np.ndarray, pts0: np.ndarray) -> FitResult:
         needed = max(MIN_SAMPLE, self.min_inliers)
