@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup test repro params
+.PHONY: setup test repro params docs
 
 setup:
 	# Headless Chromium and its WebDriver (Debian packages): the test that opens a run's report.html.
@@ -24,8 +24,11 @@ setup:
 test:
 	$(BIN)/python -m pytest
 
-repro:
-	$(BIN)/dvc pull -q data.dvc && $(BIN)/dvc repro
+repro:  # the stages run `python`: the environment's, as after `source .venv/bin/activate`
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc pull -q data.dvc && PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 params:
 	$(BIN)/python -m s2match.config
+
+docs:
+	$(BIN)/python docs/figures.py

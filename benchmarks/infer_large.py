@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -123,6 +124,7 @@ def main() -> None:
         parser.error("--cross-date is for --scene jp2 (the seasons scene has two dates already)")
     image0, image1 = build_inputs(args.workdir, args.scene, args.overviews, args.cross_date)
     out = args.workdir / "run"
+    shutil.rmtree(out, ignore_errors=True)  # the benchmark's own folder: a former run (another scene) is replaced
     command = [sys.executable, str(ROOT / "src" / "infer.py"), f"+pair.image0={image0}",
                f"+pair.image1={image1}", "+pair.name=bench", f"infer.output_dir={out}", *overrides]
     load_before = os.getloadavg()[0]
@@ -131,6 +133,8 @@ def main() -> None:
     wall = time.perf_counter() - start
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     peak_gib = usage.ru_maxrss / 2**20  # KiB on Linux
+    if not (out / "result.json").is_file():
+        sys.exit(f"error: src/infer.py exited with status {status} and wrote no result (its message is above)")
     result = json.loads((out / "result.json").read_text())
     dates = {"jp2": "two dates" if args.cross_date else "one date", "seasons": " vs ".join(SEASON_DATES)}
     report = {"input": f"{args.scene}: 2 x {SIDE}x{SIDE} GeoTIFF" + (" with overviews" if args.overviews else "")

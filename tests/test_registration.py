@@ -160,3 +160,10 @@ def test_unambiguous_windows_are_refined_and_ambiguous_ones_rejected(crop, refin
     # the ground at points0 lies at points0 + shift in image1
     assert np.abs(refined.shifts[ok] - (0.4, -0.7)).max() <= 0.1  # one window alone; the fit averages many
     assert np.all(refined.quality[ok] > refined.quality[~ok].max())
+
+
+def test_windows_all_on_no_data_are_rejected_without_error(crop, refiner):
+    """A cloud mask or a footprint edge can leave no window with data: every one is rejected, none raises."""
+    empty = np.full_like(crop, np.nan)
+    refined = refiner.refine(crop, empty, np.array([[256.0, 256.0], [100.0, 300.0]]))
+    assert list(refined.status) == ["no data", "no data"] and not refined.reliable.any()

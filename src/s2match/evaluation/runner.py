@@ -200,7 +200,9 @@ def shift_consistency(methods: Sequence[Method], pairs: pd.DataFrame, shifts: Se
     """The shift-consistency protocol (see s2match.evaluation.report.SHIFT_NOTE) on the cross-season pairs:
     one row per method, pair and shift with the error in px (inf when a registration failed)."""
     rows = []
-    for row in pairs[pairs["season0"] != pairs["season1"]].to_dict("records"):
+    cross = pairs[pairs["season0"] != pairs["season1"]]
+    for number, row in enumerate(cross.to_dict("records"), start=1):
+        log.info("shift consistency: pair %d/%d %s", number, len(cross), row["pair_id"])
         scene_a = tile_scene(row["path0"], f"{row['pair_id']}/A")
         tile_b = read_tile(row["path1"])
         scenes_b = [tile_scene(row["path1"], f"{row['pair_id']}/B", tile_b)]

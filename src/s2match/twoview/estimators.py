@@ -104,11 +104,9 @@ class RobustEstimator:
         (wrong shapes) raise ValueError.
         """
         pts0, pts1 = _pair(pts0, pts1)
-        needed = max(MIN_SAMPLE, self.min_inliers)
-        if len(pts0) < needed:
-            return failure(len(pts0), f"{len(pts0)} correspondences, need at least {needed}")
-        if not (np.all(np.isfinite(pts0)) and np.all(np.isfinite(pts1))):
-            return failure(len(pts0), "correspondences contain non-finite coordinates")
+        unusable = self._unusable(pts0, pts1)
+        if unusable:
+            return unusable
         try:
             H, mask = cv2.findHomography(pts0, pts1, ROBUST_METHODS[self.method], threshold or self.threshold,
                                          maxIters=self.max_iters, confidence=self.confidence)
@@ -142,16 +140,23 @@ class RobustEstimator:
         """Robust affine fit pts1 ~ A(pts0) (RANSAC, then Levenberg-Marquardt on the inliers) as a 3x3 matrix, with
         the same minimum support and failure rules as `fit`."""
         pts0, pts1 = _pair(pts0, pts1)
-        needed = max(MIN_SAMPLE, self.min_inliers)
-        if len(pts0) < needed:
-            return failure(len(pts0), f"{len(pts0)} correspondences, need at least {needed}")
-        if not (np.all(np.isfinite(pts0)) and np.all(np.isfinite(pts1))):
-            return failure(len(pts0), "correspondences contain non-finite coordinates")
+        unusable = self._unusable(pts0, pts1)
+        if unusable:
+            return unusable
         A, mask = cv2.estimateAffine2D(pts0, pts1, method=cv2.RANSAC, ransacReprojThreshold=threshold or self.threshold,
                                        maxIters=self.max_iters, confidence=self.confidence, refineIters=10)
         if A is None or mask is None:
             return failure(len(pts0), "no affine transform found (degenerate configuration, e.g. collinear points)")
         return self._checked(np.vstack([A, [0.0, 0.0, 1.0]]), mask.ravel().astype(bool), pts0)
+
+    def _unusable(self, pts0: np.ndarray, pts1: np.ndarray) -> FitResult | None:
+        """The failure of a fit on correspondences too few or not finite, or None when they can be fitted."""
+        needed = max(MIN_SAMPLE, self.min_inliers)
+        if len(pts0) < needed:
+            return failure(len(pts0), f"{len(pts0)} correspondences, need at least {needed}")
+        if not (np.all(np.isfinite(pts0)) and np.all(np.isfinite(pts1))):
+            return failure(len(pts0), "correspondences contain non-finite coordinates")
+        return None
 
     def _checked(self, H: np.ndarray, inliers: np.ndarray, pts0: np.ndarray) -> FitResult:
         needed = max(MIN_SAMPLE, self.min_inliers)

@@ -65,6 +65,8 @@ def peak_offsets(reference: np.ndarray, moving: np.ndarray) -> np.ndarray:
     """(N, 2) (x, y) offsets of the cross-correlation peaks of N window pairs (N, W, W): the ground at a pixel of
     `reference` lies that much earlier in `moving` (moving(p) ~ reference(p + offset)), to a fraction of a pixel."""
     count, size = reference.shape[0], reference.shape[-1]
+    if count == 0:  # every window rejected already (no data)
+        return np.zeros((0, 2))
     surface = np.abs(np.fft.ifft2(np.fft.fft2(reference) * np.conj(np.fft.fft2(moving))))
     rows, cols = np.divmod(surface.reshape(count, -1).argmax(axis=1), size)
     index = np.arange(count)
