@@ -120,9 +120,9 @@ class RobustEstimator:
         """The correction pts1 ~ C(pts0) of a fit by refined tie points, both in one frame: affine (robust), or a
         homography on the affine's inliers where perspective explains most of what the affine leaves (it cuts the
         sum of squared residuals by PERSPECTIVE_GAIN). Six parameters stay stable on few, clustered tie points of
-        two seasons, whose residuals are local change, not perspective (a homography gains ~1-1.3x there and
-        extrapolates that change to the corners); eight take out what a biased first fit left (7-15x on one
-        date)."""
+        two seasons, whose residuals are local change, not perspective (a homography gains little there and
+        extrapolates that change to the corners); eight take out what a biased first fit left on one date, where
+        the homography gains far more."""
         affine = self.fit_affine(pts0, pts1, threshold)
         if not affine.success:
             return affine
