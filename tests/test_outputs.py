@@ -84,7 +84,7 @@ def test_geojson_lines_in_the_named_projected_crs(run):
     assert CRS.from_user_input(layer["crs"]["properties"]["name"]) == CRS.from_epsg(32633)
     features = layer["features"]
     assert len(features) == result["matches"]
-    table = np.genfromtxt(out / "matches.csv", delimiter=",", names=True)
+    table = np.genfromtxt(out / "matches.csv", delimiter=",", names=True, dtype=None, encoding="utf-8")
     for feature, row in zip(features, table):
         start, end = feature["geometry"]["coordinates"]
         assert feature["geometry"]["type"] == "LineString"

@@ -186,5 +186,7 @@ def test_dvc_stages_train_deterministically(killed_run, sample_dir, tmp_path):
     run_id = json.loads((tmp_path / "outputs/train/metrics.json").read_text())["mlflow_run_id"]
     fresh = losses(killed_run["client"], run_id)
     killed = losses(killed_run["client"], killed_run["run_id"])
-    # same seed, data and schedule start (no warmup): the first two losses agree exactly
-    assert [fresh[0], fresh[1]] == [killed[0], killed[1]]
+    # same seed, data and schedule start (no warmup): the first losses agree exactly (those the killed run's
+    # logger had written when it was killed)
+    first = sorted(set(fresh) & set(killed))[:2]
+    assert 0 in first and [fresh[step] for step in first] == [killed[step] for step in first]
