@@ -123,7 +123,8 @@ def cache_dir(root: str | Path, features_cfg: Mapping[str, Any]) -> Path:
 def build_cache(pairs: pd.DataFrame, features_cfg: Mapping[str, Any], border_px: int, root: str | Path,
                 augment_cfg: Mapping[str, Any] | None = None, seed: int = 0, device: str = "cpu") -> pd.DataFrame:
     """Extract and store the features of `pairs` under `root/<feature name>/` on `device` (auto | cpu | cuda),
-    the training split's images jittered by `augment_cfg`; write and return its index. Entries already there with the same fingerprint are kept as they are."""
+    the training split's images jittered by `augment_cfg`; write and return its index. Entries already there with
+    the same fingerprint are kept as they are."""
     directory = cache_dir(root, features_cfg)
     directory.mkdir(parents=True, exist_ok=True)
     rows = pairs.to_dict("records")

@@ -9,10 +9,11 @@ co-registration all call `register`, so what the evaluation measures is what use
    by the two-view pipeline and robustly fitted. When that fit is weak, image1 is also tried with its contrast
    inverted (snow-covered fields can turn dark against their hedges) and, without a prior to fix the
    orientation, at the other right angles; the candidate with most inliers is kept.
-3. Second pass (`second_pass`; `auto`: only where the coarse overview is coarser than the image): up to `max_tiles` full-resolution tiles of image0 (spread over the overlap, most
-   coarse inliers then most texture); for each, image1 is resampled into the tile's frame by the coarse transform
-   (only the window it needs is read), so the matcher sees two nearly aligned views at equal scale and
-   orientation; matches go back to full-resolution pixels of both images and one robust fit takes them all.
+3. Second pass (`second_pass`; `auto`: only where the coarse overview is coarser than the image): up to
+   `max_tiles` full-resolution tiles of image0 (spread over the overlap, most coarse inliers then most texture);
+   for each, image1 is resampled into the tile's frame by the coarse transform (only the window it needs is
+   read), so the matcher sees two nearly aligned views at equal scale and orientation; matches go back to
+   full-resolution pixels of both images and one robust fit takes them all.
 4. Refinement (`refine`): image1 is resampled into each tile by that fit, and each inlier tie point is refined by
    area correlation (s2match.twoview.refinement); a robust fit to the reliable refined shifts corrects that fit
    (the final H is the fit composed with the correction: affine, or a homography where the tie points show
@@ -120,10 +121,10 @@ class Registration:
 
 
 class FeatureCache(dict):
-    """Features of views already extracted, keyed by (scene name, box, size, how the view was made): the second pass on a
-    scene no larger than the coarse overview reuses image0's, and evaluation methods that share an extractor share
-    them. Each entry keeps the seconds its extraction took, charged again on every reuse (as `reused_s` too, so
-    that a registration's total is what it would have cost alone)."""
+    """Features of views already extracted, keyed by (scene name, box, size, how the view was made): the second
+    pass on a scene no larger than the coarse overview reuses image0's, and evaluation methods that share an
+    extractor share them. Each entry keeps the seconds its extraction took, charged again on every reuse (as
+    `reused_s` too, so that a registration's total is what it would have cost alone)."""
 
     def features(self, pipeline: TwoViewPipeline, key: tuple, view: np.ndarray, timings: Timings) -> dict:
         full_key = (pipeline.extractor.name, id(pipeline.extractor), *key)
@@ -303,6 +304,10 @@ class _Registrar:
         with self.timings.phase("fit_s"):
             return self.pipeline.estimator.fit(pts0, pts1, threshold)
 
+    def fit_correction(self, pts0: np.ndarray, pts1: np.ndarray, threshold: float) -> FitResult:
+        with self.timings.phase("fit_s"):
+            return self.pipeline.estimator.fit_correction(pts0, pts1, threshold)
+
     def coarse(self, box0: Box, prior: np.ndarray | None) -> _Coarse:
         """Match image0's `box0` and image1 at ~coarse_size px; see the module docstring."""
         settings, estimator = self.settings, self.pipeline.estimator
@@ -461,11 +466,9 @@ def register(image0: Scene, image1: Scene, pipeline: TwoViewPipeline, settings: 
         tie_points = run.refine(tiles, fit.H, matches, fit.inliers)
         reliable = tie_points.status == "ok"
         # The refined shifts correct the matcher's fit in image0's frame (H <- H o C): see fit_correction.
-        to_frame0 = np.linalg.inv(fit.H)
-        with run.timings.phase("fit_s"):
-            refit = run.pipeline.estimator.fit_correction(tie_points.pts0[reliable],
-                                                      warp_points(to_frame0, tie_points.pts1[reliable]),
-                                                      settings.refined_threshold)
+        refit = run.fit_correction(tie_points.pts0[reliable],
+                                   warp_points(np.linalg.inv(fit.H), tie_points.pts1[reliable]),
+                                   settings.refined_threshold)
         report["refinement"] = {"windows": int(len(tie_points.status)), "reliable": int(reliable.sum()),
                                 "rejected": {reason: int(np.sum(tie_points.status == reason))
                                              for reason in ("no data", "low correlation", "shift too large")},
