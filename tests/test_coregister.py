@@ -117,7 +117,8 @@ def ukraine_crops() -> tuple[np.ndarray, np.ndarray, rasterio.Affine, rasterio.c
 
 
 def test_winter_date_reaches_the_summer_reference_through_spring(tmp_path):
-    """Snow against summer fails directly; a spring date, snow still on two quadrants (the real winter scene
+    """Snow against summer fails directly (the matcher finds no match; windows on a grid placed by the georeference
+    give a transform too imprecise to rely on); a spring date, snow still on two quadrants (the real winter scene
     there, the real summer one on the other two), matches both, and the chain summer > spring > winter is used.
     Thresholds for 384 px crops: 20 tie points (the estimator's own minimum), 0.2 px."""
     winter, summer, transform, crs = ukraine_crops()
@@ -131,10 +132,10 @@ def test_winter_date_reaches_the_summer_reference_through_spring(tmp_path):
                                       "coregister.min_inliers=20", "coregister.max_sigma_px=0.2")
     rows = table.set_index("date")
     direct = edges[(edges["source"] == "2019-07-15") & (edges["target"] == "2019-01-20")].iloc[0]
-    assert not direct["success"], "snow against summer must fail directly for this test to mean anything"
+    assert not direct["reliable"], "snow against summer must fail directly for this test to mean anything"
     assert rows.loc["2019-01-20", "status"] == "chain"
     assert rows.loc["2019-01-20", "route"] == "2019-07-15 > 2019-04-10 > 2019-01-20"
-    assert rows.loc["2019-01-20", "reason"].startswith("direct registration failed")
+    assert rows.loc["2019-01-20", "reason"].startswith(("direct registration failed", "direct registration weak"))
     assert summary["dates_chain"] == 1 and summary["dates_direct"] == 1
     # by construction the chain carries the winter shift (the real winter and summer scenes are taken as aligned)
     assert centre_error(rows.loc["2019-01-20", "homography"], shifts["winter"], (384, 384)) < TOLERANCE_PX

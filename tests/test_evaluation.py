@@ -9,11 +9,13 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import rasterio
 import torch
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf, open_dict
+from rasterio.windows import Window
 
-from s2match.config import compose_config
+from s2match.config import PROJECT_ROOT, compose_config
 from s2match.evaluation.metrics import auc
 from s2match.evaluation.report import FILES
 from s2match.evaluation.runner import (
@@ -26,9 +28,13 @@ from s2match.evaluation.runner import (
     pairs_by_kind,
     summary_table,
 )
+from s2match.inference.registration import FeatureCache
+from s2match.inference.scenes import ArrayScene
 from s2match.models.lightglue import build_lightglue
+from s2match.timeseries.synthetic import shifted
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JP2 = PROJECT_ROOT / "data" / "sample" / "jp2" / "T33UUU" / "20160529.jp2"
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +91,25 @@ def test_method_specs_complete_the_project_config_and_reject_bad_entries(smoke_c
         method_specs(smoke_cfg)
 
 
-def test_methods_with_one_extractor_share_it(smoke_cfg):
-    specs = [spec for spec in method_specs(compose_config()) if spec.name.startswith("trained")]
-    methods = build_methods(specs)
-    assert len(methods) == 3 and len({id(method.pipeline.extractor) for method in methods}) == 1
+def test_methods_with_one_extractor_and_matcher_share_their_features_and_matches():
+    specs = [spec for spec in method_specs(compose_config()) if spec.name.startswith("trained")
+             or spec.name == "accurate"]
+    methods = {method.name: method for method in build_methods(specs)}
+    assert len({id(method.pipeline.extractor) for method in methods.values()}) == 1
+    steps = [methods[name] for name in ("trained_matches", "trained_second_pass", "trained")]
+    assert len({id(method.pipeline.matcher) for method in steps}) == 1
+    assert methods["accurate"].pipeline.matcher is not steps[0].pipeline.matcher  # adaptive depth and width
+
+    # a real crop and its sub-pixel shift: `trained` is trained_second_pass plus the refinement, matched once
+    with rasterio.open(JP2) as src:
+        crop = src.read(window=Window(600, 600, 512, 512)).astype(np.float32)
+    moved = shifted(crop[0], (0.3, -0.2))[None]
+    cache = FeatureCache()
+    second, every = (methods[name].register(ArrayScene.of(crop, "crop"), ArrayScene.of(moved, "moved"), cache)
+                     for name in ("trained_second_pass", "trained"))
+    np.testing.assert_array_equal(second.matches.pts0, every.matches.pts0)
+    assert every.timings["match_s"] == second.timings["match_s"] > 0  # charged as if run alone
+    assert every.timings["reused_s"] == pytest.approx(every.timings["extract_s"] + every.timings["match_s"])
 
 
 def test_missing_trained_weights_run_the_pretrained_head_and_say_so(smoke_cfg, caplog):

@@ -18,11 +18,13 @@ from s2match.evaluation.metrics import mean_corner_error
 from s2match.evaluation.runner import build_methods, method_specs, pair_scenes, pairs_by_kind
 from s2match.geo.homography import corner_pixels, warp_points
 from s2match.inference.registration import RegistrationSettings, register
-from s2match.inference.scenes import ArrayScene
+from s2match.inference.scenes import ArrayScene, open_image
 from s2match.twoview.pipeline import TwoViewPipeline, pipeline_config
+from s2match.timeseries.synthetic import shifted_date
 from s2match.twoview.refinement import TiePointRefiner
 
 JP2 = PROJECT_ROOT / "data" / "sample" / "jp2" / "T33UUU" / "20160529.jp2"
+T36UYA = PROJECT_ROOT / "data" / "sample" / "t36uya_overview"
 SIZE = 512
 CENTRE = (SIZE - 1) / 2
 # The same pipeline for each extractor: its pretrained matcher (SIFT: the ratio test), second pass, refinement.
@@ -167,3 +169,32 @@ def test_windows_all_on_no_data_are_rejected_without_error(crop, refiner):
     empty = np.full_like(crop, np.nan)
     refined = refiner.refine(crop, empty, np.array([[256.0, 256.0], [100.0, 300.0]]))
     assert list(refined.status) == ["no data", "no data"] and not refined.reliable.any()
+
+
+def test_georeferenced_dates_the_matcher_cannot_tie_register_on_a_grid_of_windows(tmp_path):
+    """A cloudy summer date against the clear reference of T36UYA (real 107 m overviews, one grid), with too few
+    keypoints for the matcher to fit anything: windows on a grid placed by the georeference find the shift given to
+    the date's content. Shift consistency (as the evaluation's protocol) cancels the dates' own misregistration;
+    without grid windows the same pair fails with its reason."""
+    window = Window(0, 0, 1024, 1024)
+    reference = shifted_date(T36UYA / "20190825.tif", window, (0.0, 0.0), tmp_path / "reference.tif", "20190825")
+    given = (0.37, -1.62)
+    cloudy = {shift: shifted_date(T36UYA / "20190721.tif", window, shift, tmp_path / f"cloudy{i}.tif", "20190721")
+              for i, shift in enumerate([(0.0, 0.0), given])}
+    pipeline, settings = pipeline_for(["features=sift", "matcher=ratio", "features.max_keypoints=15"])
+    scenes = {shift: open_image(path, "gray", {}, "gray", None) for shift, path in cloudy.items()}
+    found = {shift: register(open_image(reference, "gray", {}, "gray", None), scene, pipeline, settings)
+             for shift, scene in scenes.items()}
+    for registration in found.values():
+        assert registration.success, registration.report["reason"]
+        assert not registration.report["matcher"]["success"]
+        assert registration.report["refinement"]["windows_at"] == ("a grid over the overlap placed by the "
+                                                                  "georeference")
+        assert registration.report["refinement"]["inliers"] >= 20
+    centre = np.array([[511.5, 511.5]])
+    moved = warp_points(found[given].H, centre) - warp_points(found[(0.0, 0.0)].H, centre)
+    assert np.linalg.norm(moved[0] - given) <= 0.1
+
+    without = RegistrationSettings.from_config({**settings.__dict__, "grid_windows": False})
+    failed = register(open_image(reference, "gray", {}, "gray", None), scenes[given], pipeline, without)
+    assert not failed.success and failed.report["reason"] == "no reliable transform: 0 correspondences, need at least 20"

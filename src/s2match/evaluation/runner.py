@@ -32,6 +32,7 @@ from s2match.geo.georef import Grid
 from s2match.inference.registration import FeatureCache, Registration, RegistrationSettings, register
 from s2match.inference.scenes import ArrayScene
 from s2match.models.features import features_config
+from s2match.models.matchers import LightGlueMatcher, RatioTestMatcher
 from s2match.presets import override_group
 from s2match.tracking import flat_params, log_run, mlflow_metrics
 from s2match.twoview.pipeline import PHASES, KeypointExtractor, TwoViewPipeline, pipeline_config
@@ -75,9 +76,10 @@ def method_specs(cfg: DictConfig) -> list[MethodSpec]:
 class Method:
     """A runnable method: its pipeline and registration settings, built once."""
 
-    def __init__(self, spec: MethodSpec, extractor: KeypointExtractor | None = None) -> None:
+    def __init__(self, spec: MethodSpec, extractor: KeypointExtractor | None = None,
+                 matcher: LightGlueMatcher | RatioTestMatcher | None = None) -> None:
         self.spec = spec
-        self.pipeline = TwoViewPipeline.from_config(spec.config, extractor)
+        self.pipeline = TwoViewPipeline.from_config(spec.config, extractor, matcher)
         self.settings = RegistrationSettings.from_config(spec.config["registration"])
 
     @property
@@ -89,14 +91,18 @@ class Method:
 
 
 def build_methods(specs: Sequence[MethodSpec]) -> list[Method]:
-    """Methods with equal extractor settings share one extractor, so that they share its features on a pair."""
+    """Methods with equal extractor settings share one extractor, and with equal matcher settings too one matcher,
+    so that they share its features and matches on a pair (the steps of the trained method run once)."""
     extractors: dict[str, KeypointExtractor] = {}
+    matchers: dict[str, LightGlueMatcher | RatioTestMatcher] = {}
     methods = []
     for spec in specs:
-        key = json.dumps([spec.config["features"], spec.config["registration"]["border_px"], spec.config["device"]],
-                         sort_keys=True)
-        method = Method(spec, extractors.get(key))
-        extractors.setdefault(key, method.pipeline.extractor)
+        extractor_key = json.dumps([spec.config["features"], spec.config["registration"]["border_px"],
+                                    spec.config["device"]], sort_keys=True)
+        matcher_key = json.dumps([extractor_key, spec.config["matcher"]], sort_keys=True)
+        method = Method(spec, extractors.get(extractor_key), matchers.get(matcher_key))
+        extractors.setdefault(extractor_key, method.pipeline.extractor)
+        matchers.setdefault(matcher_key, method.pipeline.matcher)
         methods.append(method)
     return methods
 

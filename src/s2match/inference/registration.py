@@ -14,10 +14,13 @@ co-registration all call `register`, so what the evaluation measures is what use
    for each, image1 is resampled into the tile's frame by the coarse transform (only the window it needs is
    read), so the matcher sees two nearly aligned views at equal scale and orientation; matches go back to
    full-resolution pixels of both images and one robust fit takes them all.
-4. Refinement (`refine`): image1 is resampled into each tile by that fit, and each inlier tie point is refined by
-   area correlation (s2match.twoview.refinement); a robust fit to the reliable refined shifts corrects that fit
-   (the final H is the fit composed with the correction: affine, or a homography where the tie points show
-   perspective beyond their noise).
+4. Refinement (`refine`): image1 is resampled into each tile by that fit, and each inlier tie point is refined
+   by area correlation (s2match.twoview.refinement); a robust fit to the reliable refined shifts corrects that
+   fit (the final H is the fit composed with the correction: affine, or a homography where the tie points show
+   perspective beyond their noise). Where the matcher ties too few points for a fit (clouds, snow, coarse
+   overviews), or its tie points do not correlate under its fit (`grid_windows`), the windows lie on a regular
+   grid over the overlap instead, placed by the guide (the coarse fit, or the georeference), as AROSICS places
+   its windows.
 
 Pixel convention (OpenCV): (x, y), (0, 0) the centre of the top-left pixel; boxes (x0, y0, x1, y1) in pixel edges.
 """
@@ -69,6 +72,7 @@ class RegistrationSettings:
     min_valid: float
     second_pass: bool | str  # true | false | "auto"
     refine: bool
+    grid_windows: bool
     search_orientation: bool
     search_contrast: bool
     search_accept: int
@@ -121,23 +125,32 @@ class Registration:
 
 
 class FeatureCache(dict):
-    """Features of views already extracted, keyed by (scene name, box, size, how the view was made): the second
-    pass on a scene no larger than the coarse overview reuses image0's, and evaluation methods that share an
-    extractor share them. Each entry keeps the seconds its extraction took, charged again on every reuse (as
-    `reused_s` too, so that a registration's total is what it would have cost alone)."""
+    """Features of views already extracted, keyed by (scene name, box, size, how the view was made), and matches of
+    two such views by one matcher: the second pass on a scene no larger than the coarse overview reuses image0's
+    features, and evaluation methods that share an extractor (and a matcher) share them. Each entry keeps the
+    seconds it took, charged again on every reuse (as `reused_s` too, so that a registration's total is what it
+    would have cost alone)."""
 
     def features(self, pipeline: TwoViewPipeline, key: tuple, view: np.ndarray, timings: Timings) -> dict:
-        full_key = (pipeline.extractor.name, id(pipeline.extractor), *key)
-        if full_key in self:
-            feats, seconds = self[full_key]
+        full_key = ("features", pipeline.extractor.name, id(pipeline.extractor), *key)
+        return self._reused(full_key, lambda: pipeline.extractor(view), "extract_s", timings)
+
+    def matches(self, pipeline: TwoViewPipeline, key0: tuple, key1: tuple, feats0: dict, feats1: dict,
+                sizes: tuple[tuple[int, int], tuple[int, int]], timings: Timings) -> ViewMatches:
+        full_key = ("matches", id(pipeline.extractor), id(pipeline.matcher), key0, key1)
+        return self._reused(full_key, lambda: pipeline.match(feats0, feats1, *sizes), "match_s", timings)
+
+    def _reused(self, key: tuple, compute, phase: str, timings: Timings):
+        if key in self:
+            value, seconds = self[key]
             timings["reused_s"] = timings.get("reused_s", 0.0) + seconds
         else:
             start = time.perf_counter()
-            feats = pipeline.extractor(view)
+            value = compute()
             seconds = time.perf_counter() - start
-            self[full_key] = (feats, seconds)
-        timings["extract_s"] = timings.get("extract_s", 0.0) + seconds
-        return feats
+            self[key] = (value, seconds)
+        timings[phase] = timings.get(phase, 0.0) + seconds
+        return value
 
 
 def area_scale(H: np.ndarray, point: np.ndarray) -> float:
@@ -289,16 +302,17 @@ class _Registrar:
         self.cache = cache if cache is not None else FeatureCache()
         self.timings = Timings()
 
-    def features(self, side: int, box: Box, view: np.ndarray, how: ViewOfImage1 | None = None,
-                 guide: np.ndarray | None = None) -> dict:
+    def view_key(self, side: int, box: Box, view: np.ndarray, how: ViewOfImage1 | None = None,
+                 guide: np.ndarray | None = None) -> tuple:
+        """What identifies a view: its scene, box, size and how it was made (turned, inverted, resampled by)."""
         scene = self.image0 if side == 0 else self.image1
-        guide_key = None if guide is None else guide.round(9).tobytes()
-        return self.cache.features(self.pipeline, (scene.name, box, view_size(view), how, guide_key), view,
-                                   self.timings)
+        return scene.name, box, view_size(view), how, None if guide is None else guide.round(9).tobytes()
 
-    def match(self, feats0: dict, feats1: dict, view0: np.ndarray, view1: np.ndarray) -> ViewMatches:
-        with self.timings.phase("match_s"):
-            return self.pipeline.match(feats0, feats1, view_size(view0), view_size(view1))
+    def features(self, key: tuple, view: np.ndarray) -> dict:
+        return self.cache.features(self.pipeline, key, view, self.timings)
+
+    def match(self, key0: tuple, feats0: dict, key1: tuple, feats1: dict) -> ViewMatches:
+        return self.cache.matches(self.pipeline, key0, key1, feats0, feats1, (key0[2], key1[2]), self.timings)
 
     def fit(self, pts0: np.ndarray, pts1: np.ndarray, threshold: float | None = None) -> FitResult:
         with self.timings.phase("fit_s"):
@@ -313,7 +327,8 @@ class _Registrar:
         settings, estimator = self.settings, self.pipeline.estimator
         view0, to_image0 = self.image0.overview(box0, settings.coarse_size)
         out_size = view_size(view0)
-        feats0 = self.features(0, box0, view0)
+        key0 = self.view_key(0, box0, view0)
+        feats0 = self.features(key0, view0)
         polarities = (False, True) if settings.search_contrast else (False,)
         if prior is not None:
             guided = guided_view(self.image1, prior, box0, out_size)
@@ -329,9 +344,10 @@ class _Registrar:
         best = None
         for how, view1, to_image1 in candidates:
             view1 = how.apply(view1)
-            feats1 = self.features(1, (0, 0, *self.image1.size), view1, how,
-                                   guide=prior if how.quarter_turns is None else None)
-            matches = self.match(feats0, feats1, view0, view1).mapped(to_image0, to_image1)
+            key1 = self.view_key(1, (0, 0, *self.image1.size), view1, how,
+                                 guide=prior if how.quarter_turns is None else None)
+            feats1 = self.features(key1, view1)
+            matches = self.match(key0, feats0, key1, feats1).mapped(to_image0, to_image1)
             # image1 px per overview px: the fit threshold scales with the overview's coarseness
             threshold = estimator.threshold * max(area_scale(to_image1, np.array(out_size) / 2.0), 1.0)
             fit = self.fit(matches.pts0, matches.pts1, threshold)
@@ -358,36 +374,50 @@ class _Registrar:
             view1, to_image1 = guided
             view1 = how.apply(view1)
             view0 = self.image0.read(tile, out_size)
-            feats0 = self.features(0, tile, view0)
-            feats1 = self.features(1, tile, view1, how, guide=guide)
-            matches = self.match(feats0, feats1, view0, view1)
+            key0, key1 = self.view_key(0, tile, view0), self.view_key(1, tile, view1, how, guide=guide)
+            matches = self.match(key0, self.features(key0, view0), key1, self.features(key1, view1))
             near = np.linalg.norm(matches.pts1 - matches.pts0, axis=1) <= radius_px
             parts.append(matches.subset(near).mapped(box_to_pixels(tile, out_size), to_image1))
             report.append({"box": list(tile), "matches": len(matches.pts0), "near_guide": int(near.sum())})
         return ViewMatches.concat(parts), report
 
-    def refine(self, tiles: list[Box], H: np.ndarray, matches: ViewMatches, inliers: np.ndarray) -> TiePoints:
-        """Refined tie points of each tile, around the inliers of the fit H; see s2match.twoview.refinement."""
+    def refine(self, tiles: list[Box], H: np.ndarray, points: np.ndarray, scores: np.ndarray) -> TiePoints:
+        """Refined tie points of each tile around `points` (image0 px, the best `scores` first where they crowd),
+        image1 placed by H; see s2match.twoview.refinement."""
         refiner, parts = self.pipeline.refiner, []
         with self.timings.phase("refine_s"):
             for tile in tiles:
                 out_size = (tile[2] - tile[0], tile[3] - tile[1])
-                here = inliers & inside_box(matches.pts0, tile)
+                here = inside_box(points, tile)
                 if not here.any():
                     continue
                 guided = guided_view(self.image1, H, tile, out_size)
                 if guided is None:
                     continue
                 view1, to_image1 = guided
-                points = matches.pts0[here] - np.array(tile[:2], float)  # full res: view px = px - tile origin
-                chosen = refiner.spread(points, matches.scores[here], out_size)
+                in_view = points[here] - np.array(tile[:2], float)  # full res: view px = px - tile origin
+                chosen = refiner.spread(in_view, scores[here], out_size)
                 if len(chosen) == 0:
                     continue
-                refined = refiner.refine(self.image0.read(tile, out_size), view1, points[chosen])
+                refined = refiner.refine(self.image0.read(tile, out_size), view1, in_view[chosen])
                 parts.append(TiePoints(refined.points0 + np.array(tile[:2], float),
                                        warp_points(to_image1, refined.points0 + refined.shifts),
                                        refined.quality, refined.status))
         return TiePoints.concat(parts)
+
+
+def correction_model(C: np.ndarray) -> str:
+    """'affine' or 'homography': which model fit_correction chose (an affine's last row is exactly 0, 0, 1)."""
+    return "affine" if C[2, 0] == 0 and C[2, 1] == 0 else "homography"
+
+
+def window_grid(box: Box, spacing: float) -> np.ndarray:
+    """(N, 2) pixel centres of a regular grid over a pixel-edge box, `spacing` px apart (a window every half window:
+    AROSICS's grid of matching windows)."""
+    xs = np.arange(box[0] + spacing, box[2] - spacing + 1, spacing) - 0.5
+    ys = np.arange(box[1] + spacing, box[3] - spacing + 1, spacing) - 0.5
+    grid_x, grid_y = np.meshgrid(xs, ys)
+    return np.c_[grid_x.ravel(), grid_y.ravel()]
 
 
 def _turned_with_map(overview: np.ndarray, to_image: np.ndarray, quarter_turns: int
@@ -462,26 +492,46 @@ def register(image0: Scene, image1: Scene, pipeline: TwoViewPipeline, settings: 
     report["matcher"] = {"matches": len(matches.pts0), "inliers": fit.n_inliers, "success": fit.success,
                          "reason": fit.reason, "layers": matches.layers}
     H, used = fit.H, "matches"
-    if fit.success and settings.refine:
-        tie_points = run.refine(tiles, fit.H, matches, fit.inliers)
-        reliable = tie_points.status == "ok"
-        # The refined shifts correct the matcher's fit in image0's frame (H <- H o C): see fit_correction.
-        refit = run.fit_correction(tie_points.pts0[reliable],
-                                   warp_points(np.linalg.inv(fit.H), tie_points.pts1[reliable]),
-                                   settings.refined_threshold)
-        report["refinement"] = {"windows": int(len(tie_points.status)), "reliable": int(reliable.sum()),
-                                "rejected": {reason: int(np.sum(tie_points.status == reason))
-                                             for reason in ("no data", "low correlation", "shift too large")},
-                                "inliers": refit.n_inliers, "used": refit.success, "reason": refit.reason}
-        if refit.success:
-            H, used = fit.H @ refit.H, "refined tie points"
-            keep = np.flatnonzero(reliable)[refit.inliers]
-            tie_points.status[np.flatnonzero(reliable)[~refit.inliers]] = "outlier"
-            support0, support1 = tie_points.pts0[keep], tie_points.pts1[keep]
-        else:
-            log.warning("refinement not used (%s): the transform rests on the matches", refit.reason)
+    if settings.refine:
+        # Windows around the matcher's inliers, placed by its fit. Where the matcher ties too few points (clouds,
+        # snow, coarse overviews), or its tie points do not correlate under its fit, the guide still places image1
+        # to a few px (the coarse fit, or the georeference, which a doubtful fit does not override): windows on a
+        # regular grid over the overlap, as AROSICS places them, then measure the shift without any match.
+        attempts = [("the matcher's inliers", fit.H, matches.pts0[fit.inliers], matches.scores[fit.inliers])
+                    ] if fit.success else []
+        grid_base, grid_guide = (prior, "georeference") if fit.success or not coarse.fit.success else (guide,
+                                                                                                       "coarse fit")
+        if settings.grid_windows and grid_base is not None:
+            grid = window_grid(box0, pipeline.refiner.window / 2)
+            attempts.append((f"a grid over the overlap placed by the {grid_guide}", grid_base, grid,
+                             np.zeros(len(grid))))
+        for windows_at, base, points, scores in attempts:
+            tie_points = run.refine(tiles, base, points, scores)
+            reliable = tie_points.status == "ok"
+            # The refined shifts correct the base transform in image0's frame (H <- H o C): see fit_correction.
+            refit = run.fit_correction(tie_points.pts0[reliable],
+                                       warp_points(np.linalg.inv(base), tie_points.pts1[reliable]),
+                                       settings.refined_threshold)
+            report["refinement"] = {"windows_at": windows_at, "windows": int(len(tie_points.status)),
+                                    "reliable": int(reliable.sum()),
+                                    "rejected": {reason: int(np.sum(tie_points.status == reason))
+                                                 for reason in ("no data", "low correlation", "shift too large")},
+                                    "inliers": refit.n_inliers, "used": refit.success, "reason": refit.reason,
+                                    "correction": correction_model(refit.H) if refit.success else None}
+            if refit.success:
+                H, used = base @ refit.H, "refined tie points"
+                keep = np.flatnonzero(reliable)[refit.inliers]
+                tie_points.status[np.flatnonzero(reliable)[~refit.inliers]] = "outlier"
+                support0, support1 = tie_points.pts0[keep], tie_points.pts1[keep]
+                break
+            log.warning("refinement on windows at %s not used: %s", windows_at, refit.reason)
+        if used == "refined tie points" and base is not fit.H:
+            log.warning("the matcher's transform %s: fitted on %d windows of %s instead",
+                        "was not confirmed by area correlation" if fit.success else f"failed ({fit.reason})",
+                        len(support0), windows_at)
     if H is None:
-        report["reason"] = f"no reliable transform: {fit.reason}"
+        windows = f"; windows on a grid: {report['refinement']['reason']}" if "refinement" in report else ""
+        report["reason"] = f"no reliable transform: {fit.reason}{windows}"
         return finished(matches, fit.inliers, None)
     if used == "matches":
         support0, support1 = matches.pts0[fit.inliers], matches.pts1[fit.inliers]

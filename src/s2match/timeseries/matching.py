@@ -21,8 +21,9 @@ from s2match.timeseries.graph import Edge, EdgeResult
 from s2match.twoview.pipeline import TwoViewPipeline
 
 
-# Parameters of a homography with H[2, 2] = 1.
+# Parameters of a homography with H[2, 2] = 1, and of an affine map (its first six).
 HOMOGRAPHY_DOF = 8
+AFFINE_DOF = 6
 
 
 def support_points(registration: Registration) -> tuple[np.ndarray, np.ndarray]:
@@ -45,26 +46,38 @@ def _jacobian(H: np.ndarray, pts: np.ndarray) -> np.ndarray:
     return np.stack([du, dv], axis=1)
 
 
-def frame_sigma(H: np.ndarray, pts0: np.ndarray, pts1: np.ndarray, size: tuple[int, int]) -> float:
-    """Precision of a fitted homography over image0's frame: the standard error (px of image1) of where it puts the
+def fitted_dof(registration: Registration) -> int:
+    """Free parameters of the last fit: the refined tie points' correction (affine or homography), else the
+    matcher's homography."""
+    refinement = registration.report.get("refinement", {})
+    fitted_affine = (registration.report.get("fitted_on") == "refined tie points"
+                     and refinement.get("correction") == "affine")
+    return AFFINE_DOF if fitted_affine else HOMOGRAPHY_DOF
+
+
+def frame_sigma(H: np.ndarray, pts0: np.ndarray, pts1: np.ndarray, size: tuple[int, int],
+                dof: int = HOMOGRAPHY_DOF) -> float:
+    """Precision of a fitted transform over image0's frame: the standard error (px of image1) of where it puts the
     frame's corners and centre, from the fit's residuals and the tie points' number and spread (least-squares
-    covariance, linearised). Tie points bunched in one part of the frame leave the rest poorly known, which the
-    residuals alone do not show. Computed in coordinates centred on the frame and scaled by its size."""
-    if len(pts0) <= HOMOGRAPHY_DOF // 2:
+    covariance, linearised in the first `dof` entries of H: 8 for a homography, 6 when the last fit was affine,
+    whose perspective entries were not free). Tie points bunched in one part of the frame leave the rest poorly
+    known, which the residuals alone do not show. Computed in coordinates centred on the frame and scaled by its
+    size."""
+    if len(pts0) <= dof // 2:
         return math.inf
     width, height = size
     to_unit = np.array([[2.0 / width, 0.0, -1.0], [0.0, 2.0 / height, -1.0], [0.0, 0.0, 1.0]])
     H_unit = H @ np.linalg.inv(to_unit)
     H_unit = H_unit / H_unit[2, 2]
     unit0 = warp_points(to_unit, pts0)
-    jacobian = _jacobian(H_unit, unit0).reshape(-1, HOMOGRAPHY_DOF)
-    variance = float(np.sum((warp_points(H_unit, unit0) - pts1) ** 2)) / (2 * len(pts0) - HOMOGRAPHY_DOF)
+    jacobian = _jacobian(H_unit, unit0)[:, :, :dof].reshape(-1, dof)
+    variance = float(np.sum((warp_points(H_unit, unit0) - pts1) ** 2)) / (2 * len(pts0) - dof)
     normal = jacobian.T @ jacobian
     if np.linalg.cond(normal) > 1e12:
         return math.inf
     covariance = variance * np.linalg.inv(normal)
     probes = np.array([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0], [0.0, 0.0]])
-    spread = [np.trace(j @ covariance @ j.T) for j in _jacobian(H_unit, probes)]
+    spread = [np.trace(j @ covariance @ j.T) for j in _jacobian(H_unit, probes)[:, :, :dof]]
     return float(math.sqrt(max(spread)))
 
 
@@ -113,7 +126,7 @@ class PairMatcher:
         registration = register(image0, image1, self.pipeline, self.settings, self.cache)
         report = registration.report
         shift = report.get("shift_px", {}).get("median", [np.nan, np.nan])
-        sigma = (frame_sigma(registration.H, *support_points(registration), image0.size)
+        sigma = (frame_sigma(registration.H, *support_points(registration), image0.size, fitted_dof(registration))
                  if registration.H is not None else math.inf)
         return EdgeResult(edge, bool(report["success"]), report["reason"], registration.H,
                           int(report.get("inliers", 0)), float(report.get("residuals_px", {}).get("rmse", np.nan)),

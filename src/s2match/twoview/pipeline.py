@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from s2match.geo.homography import warp_points
 from s2match.models.features import LocalFeatures, build_features
-from s2match.models.matchers import build_matcher
+from s2match.models.matchers import LightGlueMatcher, RatioTestMatcher, build_matcher
 from s2match.twoview.estimators import FitResult, RobustEstimator
 from s2match.twoview.refinement import TiePointRefiner
 
@@ -174,14 +174,17 @@ class TwoViewPipeline:
         self.extractor, self.matcher, self.estimator, self.refiner = extractor, matcher, estimator, refiner
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any], extractor: KeypointExtractor | None = None) -> TwoViewPipeline:
+    def from_config(cls, cfg: Mapping[str, Any], extractor: KeypointExtractor | None = None,
+                    matcher: LightGlueMatcher | RatioTestMatcher | None = None) -> TwoViewPipeline:
         """Build from a mapping with `features`, `matcher`, `estimator`, `refinement`, `registration` (its
         `border_px`) and `device`: the composed config's groups, or an evaluation method's overrides of them.
-        `extractor`: one already built for these settings (methods that share it share its features)."""
+        `extractor`, `matcher`: ones already built for these settings (methods that share them share their
+        features and matches)."""
         device = resolve_device(str(cfg["device"]))
         if extractor is None:
             extractor = KeypointExtractor(build_features(cfg["features"]), cfg["registration"]["border_px"], device)
-        matcher = build_matcher(cfg["matcher"], extractor.name).to(device)
+        if matcher is None:
+            matcher = build_matcher(cfg["matcher"], extractor.name).to(device)
         return cls(extractor, matcher, RobustEstimator.from_config(cfg["estimator"]),
                    TiePointRefiner.from_config(cfg["refinement"]))
 
