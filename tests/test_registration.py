@@ -195,6 +195,12 @@ def test_georeferenced_dates_the_matcher_cannot_tie_register_on_a_grid_of_window
     moved = warp_points(found[given].H, centre) - warp_points(found[(0.0, 0.0)].H, centre)
     assert np.linalg.norm(moved[0] - given) <= 0.1
 
+    # content 40 px off its georeference: beyond every window's reach, so nothing registers rather than a guess
+    far = shifted_date(T36UYA / "20190721.tif", window, (40.0, -25.0), tmp_path / "far.tif", "20190721")
+    beyond = register(open_image(reference, "gray", {}, "gray", None), open_image(far, "gray", {}, "gray", None),
+                      pipeline, settings)
+    assert not beyond.success and "windows on a grid" in beyond.report["reason"]
+
     without = RegistrationSettings.from_config({**settings.__dict__, "grid_windows": False})
     failed = register(open_image(reference, "gray", {}, "gray", None), scenes[given], pipeline, without)
     assert not failed.success and failed.report["reason"] == "no reliable transform: 0 correspondences, need at least 20"

@@ -18,9 +18,8 @@ co-registration all call `register`, so what the evaluation measures is what use
    by area correlation (s2match.twoview.refinement); a robust fit to the reliable refined shifts corrects that
    fit (the final H is the fit composed with the correction: affine, or a homography where the tie points show
    perspective beyond their noise). Where the matcher ties too few points for a fit (clouds, snow, coarse
-   overviews), or its tie points do not correlate under its fit (`grid_windows`), the windows lie on a regular
-   grid over the overlap instead, placed by the guide (the coarse fit, or the georeference), as AROSICS places
-   its windows.
+   overviews), or its tie points do not correlate under its fit (`grid_windows`), two georeferenced scenes get
+   windows on a regular grid over the overlap instead, placed by the georeference, as AROSICS places its windows.
 
 Pixel convention (OpenCV): (x, y), (0, 0) the centre of the top-left pixel; boxes (x0, y0, x1, y1) in pixel edges.
 """
@@ -54,6 +53,10 @@ MIN_TILE_FRACTION = 0.25
 QUARTER_TURNS = (0, 1, 2, 3)
 # Image1 is read coarser than native for a view only from this many image1 px per view px (guided_view).
 READ_COARSER_ABOVE = 1.5
+# Windows on a grid placed by the georeference: the share of those with data that must agree on the correction.
+# Under a wrong placement a few smooth windows still correlate by chance (20 of 2704 on a whole upsampled tile);
+# a right one is confirmed by several percent of them even under clouds.
+GRID_MIN_SHARE = 0.02
 # second_pass=auto: coarse matches coarser than this (image0 px per overview px: whole scenes) are brought to full
 # resolution by the second pass; finer ones (small images, matched whole) are within the refinement's reach.
 AUTO_SECOND_PASS_SCALE = 1.5
@@ -494,17 +497,15 @@ def register(image0: Scene, image1: Scene, pipeline: TwoViewPipeline, settings: 
     H, used = fit.H, "matches"
     if settings.refine:
         # Windows around the matcher's inliers, placed by its fit. Where the matcher ties too few points (clouds,
-        # snow, coarse overviews), or its tie points do not correlate under its fit, the guide still places image1
-        # to a few px (the coarse fit, or the georeference, which a doubtful fit does not override): windows on a
-        # regular grid over the overlap, as AROSICS places them, then measure the shift without any match.
+        # snow, coarse overviews), or its tie points do not correlate under its fit, the georeference still places
+        # image1 to a few px: windows on a regular grid over the overlap, as AROSICS places them, then measure the
+        # shift without any match. Never the coarse fit: one the second pass could not confirm may be wrong, and
+        # smooth windows can correlate under a wrong placement.
         attempts = [("the matcher's inliers", fit.H, matches.pts0[fit.inliers], matches.scores[fit.inliers])
                     ] if fit.success else []
-        grid_base, grid_guide = (prior, "georeference") if fit.success or not coarse.fit.success else (guide,
-                                                                                                       "coarse fit")
-        if settings.grid_windows and grid_base is not None:
+        if settings.grid_windows and prior is not None:
             grid = window_grid(box0, pipeline.refiner.window / 2)
-            attempts.append((f"a grid over the overlap placed by the {grid_guide}", grid_base, grid,
-                             np.zeros(len(grid))))
+            attempts.append(("a grid over the overlap placed by the georeference", prior, grid, np.zeros(len(grid))))
         for windows_at, base, points, scores in attempts:
             tie_points = run.refine(tiles, base, points, scores)
             reliable = tie_points.status == "ok"
@@ -512,6 +513,10 @@ def register(image0: Scene, image1: Scene, pipeline: TwoViewPipeline, settings: 
             refit = run.fit_correction(tie_points.pts0[reliable],
                                        warp_points(np.linalg.inv(base), tie_points.pts1[reliable]),
                                        settings.refined_threshold)
+            with_data = int(np.sum(tie_points.status != "no data"))
+            if base is prior and refit.success and refit.n_inliers < GRID_MIN_SHARE * with_data:
+                refit = failure(int(reliable.sum()), f"only {refit.n_inliers} of {with_data} windows agree (fewer "
+                                f"than {GRID_MIN_SHARE:.0%}: chance correlations of smooth ground)")
             report["refinement"] = {"windows_at": windows_at, "windows": int(len(tie_points.status)),
                                     "reliable": int(reliable.sum()),
                                     "rejected": {reason: int(np.sum(tie_points.status == reason))
