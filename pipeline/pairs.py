@@ -1,4 +1,5 @@
-"""DVC stage `pairs`: seasonal pairs of tiles, split by location, each with a seeded random homography."""
+"""DVC stage `pairs`: seasonal pairs of tiles, split by location, each with a seeded random warp and the
+shift between its dates."""
 
 from pathlib import Path
 

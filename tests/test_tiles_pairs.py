@@ -1,9 +1,11 @@
-"""Tiling coverage, alignment by georeference, splits without leakage, exact homography ground truth."""
+"""Tiling coverage, alignment by georeference, splits without leakage, a ground truth that holds on the ground:
+the warp and the measured shift between the dates."""
 
 from __future__ import annotations
 
 import json
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,7 +14,8 @@ from rasterio.warp import Resampling, calculate_default_transform, reproject
 
 from s2match.data import pairs
 from s2match.data import tiling
-from s2match.geo.homography import warp_points
+from s2match.data.dateshift import DateShiftSpec, measure_date_shift
+from s2match.geo.homography import warp_image, warp_points
 from s2match.data.pairs import load_pair, location_groups, read_tile, season_kind
 
 
@@ -136,8 +139,8 @@ def test_homography_maps_a_point_to_the_same_ground(stages):
     table = stages["pairs"]
     row = table[(table.aoi == "ua-T35UNQ") & (table.season_kind == "summer-summer")].iloc[0].to_dict()
     assert not np.allclose(pairs.pair_homography(row), np.eye(3))
-    # The same date on both sides: image1 around H(p) is image0 around p, up to interpolation.
-    same, elsewhere = patch_scores({**row, "path1": row["path0"]})
+    # The same date on both sides (so no shift between the dates): image1 around H(p) is image0 around p.
+    same, elsewhere = patch_scores({**row, "path1": row["path0"], "date_shift_x": 0.0, "date_shift_y": 0.0})
     assert len(same) >= 10 and np.median(same) > 0.95 and min(same) > 0.85 and np.median(elsewhere) < 0.6
     # Two summers a year apart: the right place still correlates far better than a wrong one.
     same, elsewhere = patch_scores(row)
@@ -152,3 +155,70 @@ def test_single_date_aoi_is_skipped(stages, cfg):
     table = pairs.write_pairs(cfg.pairs, stages["scenes"], tiles, out)
     assert "oscd-rio" not in set(table.aoi)
     assert json.loads((out / "summary.json").read_text())["skipped_aois"] == {"oscd-rio": "single date"}
+
+
+def displaced(tile: np.ndarray, shift: tuple[float, float]) -> np.ndarray:
+    """The tile with its ground moved by `shift` (x, y) px, cubic resampling."""
+    move = np.array([[1, 0, shift[0]], [0, 1, shift[1]], [0, 0, 1]], np.float64)
+    return np.stack([warp_image(band, move, (tile.shape[2], tile.shape[1])) for band in tile])
+
+
+def test_date_shift_recovers_known_shifts_across_seasons(sample_dir, cfg):
+    """Winter against summer on real strips: displacing the summer tile by s changes the measured shift by s; the
+    same date displaced is measured at s itself."""
+    spec = DateShiftSpec(**cfg.pairs.date_shift)
+    with rasterio.open(sample_dir / "ukraine/T36UUA/winter.tif") as src:
+        winter = src.read(window=rasterio.windows.Window(0, 1400, 512, 512)).astype(np.float32)
+    with rasterio.open(sample_dir / "ukraine/T36UUA/summer.tif") as src:
+        summer = src.read(window=rasterio.windows.Window(0, 1400, 512, 512)).astype(np.float32)
+    base = measure_date_shift(winter, summer, spec)
+    assert base.shift is not None and base.agreeing >= spec.min_windows
+    for shift in [(0.3, -0.2), (2.6, -1.45)]:
+        moved = measure_date_shift(winter, displaced(summer, shift), spec)
+        np.testing.assert_allclose(moved.shift - base.shift, shift, atol=0.1)
+        np.testing.assert_allclose(measure_date_shift(summer, displaced(summer, shift), spec).shift, shift, atol=0.05)
+    flat = np.full_like(summer, 0.2)
+    unmeasured = measure_date_shift(summer, flat, spec)
+    assert unmeasured.shift is None and unmeasured.reason == "no window has data and edges on both dates"
+    cloud = summer.copy()
+    cloud[:, :, 200:] = np.random.default_rng(0).uniform(0.3, 0.6, size=cloud[:, :, 200:].shape)
+    unmeasured = measure_date_shift(summer, cloud, spec)
+    assert unmeasured.shift is None and "windows agree on the shift between the dates" in unmeasured.reason
+
+
+def test_pair_ground_truth_includes_the_shift_between_the_dates(stages):
+    """The sample's two T33UUU dates are known to be about 2 px apart. Their pairs carry that shift, and image1
+    resampled by the ground truth lies on image0 to the pixel, which the warp alone does not achieve."""
+    table = stages["pairs"]
+    jp2 = table[table.aoi == "t33uuu-crop"]
+    assert len(jp2) >= 5
+    forward = jp2.scene0 < jp2.scene1  # 2016-05-29 -> 2016-06-08; the others are the opposite direction
+    shifts = np.where(forward.to_numpy()[:, None], 1, -1) * jp2[["date_shift_x", "date_shift_y"]].to_numpy(float)
+    assert np.all(np.abs(shifts - np.median(shifts, axis=0)) < 0.3)
+    assert 1.5 < np.hypot(*np.median(shifts, axis=0)) < 2.5
+    row = jp2.iloc[0].to_dict()
+    image0, image1, truth = load_pair(row)
+    for H, expected in ((truth, (0, 0)), (pairs.pair_warp(row), None)):
+        rectified = cv2.warpPerspective(image1[0], H, image0.shape[:0:-1], flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                        borderValue=np.nan)
+        offset = best_shift(image0[0], rectified, radius=4)
+        if expected is None:
+            assert offset != (0, 0)
+        else:
+            assert offset == expected
+    assert (jp2.date_shift_from == "tile").sum() >= 5 and set(jp2.date_shift_from) <= {"tile", "aoi"}
+    summary = json.loads((stages["dir"] / "pairs" / "summary.json").read_text())
+    assert any(key.startswith("t33uuu-crop") for key in summary["date_shift_px"])
+
+
+def test_a_tile_that_cannot_tell_takes_the_shift_of_its_dates_elsewhere():
+    """Unmeasured (cloud): the median of the AOI's tiles of the same dates, in either direction; no tile of
+    those dates measured: no shift, the georeference trusted."""
+    rows = [{"pair_id": f"p{i}", "aoi": "a", "scene0": s0, "scene1": s1}
+            for i, (s0, s1) in enumerate([("d1", "d2"), ("d2", "d1"), ("d1", "d2"), ("d2", "d1"), ("d1", "d3")])]
+    measured = {"p0": np.array([0.6, -1.8]), "p1": np.array([-0.7, 1.9]), "p2": np.array([0.6, -1.8])}
+    filled = {row["pair_id"]: row for row in pairs.with_date_shifts(rows, measured)}
+    assert filled["p0"]["date_shift_from"] == "tile" and filled["p0"]["date_shift_x"] == 0.6
+    assert filled["p3"]["date_shift_from"] == "aoi"
+    assert (filled["p3"]["date_shift_x"], filled["p3"]["date_shift_y"]) == (-0.6, 1.8)
+    assert filled["p4"]["date_shift_from"] == "georeference" and filled["p4"]["date_shift_x"] == 0.0

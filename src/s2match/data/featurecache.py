@@ -78,7 +78,8 @@ def fingerprint(row: Mapping[str, Any], features_cfg: Mapping[str, Any], border_
         "border_px": int(border_px),
         "augment": dict(augment_cfg) if augment_cfg else None,
         "seed": int(seed) if augment_cfg else None,
-        "pair": {name: str(row[name]) for name in ("pair_id", "path0", "path1", "width", "height", "homography")},
+        "pair": {name: str(row[name]) for name in ("pair_id", "path0", "path1", "width", "height", "warp",
+                                                    "date_shift_x", "date_shift_y")},
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

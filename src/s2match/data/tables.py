@@ -37,11 +37,14 @@ TILES = {
     "col": "int", "width": "int", "height": "int", "crs": "str", "transform": "str", "valid_fraction": "float",
     "texture": "float", "kept": "bool", "reason": "str",
 }
-# <paths.pairs>/pairs.csv (pairs stage): one row per pair of tiles with its split and homography
+# <paths.pairs>/pairs.csv (pairs stage): one row per pair of tiles with its split, the warp that made image1 (a
+# homography, row-major) and the shift between the two dates (px; the ground truth is the warp after this shift)
+# with where it comes from: "tile", "aoi" (the AOI's other tiles of the same dates) or "georeference" (none measured)
 PAIRS = {
     "pair_id": "str", "split": "str", "aoi": "str", "location": "str", "tile_id": "str", "season_kind": "str",
     "scene0": "str", "scene1": "str", "date0": "str", "date1": "str", "season0": "str", "season1": "str",
-    "path0": "str", "path1": "str", "width": "int", "height": "int", "homography": "str",
+    "path0": "str", "path1": "str", "width": "int", "height": "int", "warp": "str",
+    "date_shift_x": "float", "date_shift_y": "float", "date_shift_from": "str",
 }
 
 

@@ -20,6 +20,8 @@ co-registration all call `register`, so what the evaluation measures is what use
    perspective beyond their noise). Where the matcher ties too few points for a fit (clouds, snow, coarse
    overviews), or its tie points do not correlate under its fit (`grid_windows`), two georeferenced scenes get
    windows on a regular grid over the overlap instead, placed by the georeference, as AROSICS places its windows.
+   Where the coarse match failed and the fine tiles followed the georeference, a fit of their matches that area
+   correlation does not confirm is no registration.
 
 Pixel convention (OpenCV): (x, y), (0, 0) the centre of the top-left pixel; boxes (x0, y0, x1, y1) in pixel edges.
 """
@@ -506,6 +508,7 @@ def register(image0: Scene, image1: Scene, pipeline: TwoViewPipeline, settings: 
         if settings.grid_windows and prior is not None:
             grid = window_grid(box0, pipeline.refiner.window / 2)
             attempts.append(("a grid over the overlap placed by the georeference", prior, grid, np.zeros(len(grid))))
+        refusals = []
         for windows_at, base, points, scores in attempts:
             tie_points = run.refine(tiles, base, points, scores)
             reliable = tie_points.status == "ok"
@@ -530,13 +533,22 @@ def register(image0: Scene, image1: Scene, pipeline: TwoViewPipeline, settings: 
                 support0, support1 = tie_points.pts0[keep], tie_points.pts1[keep]
                 break
             log.warning("refinement on windows at %s not used: %s", windows_at, refit.reason)
+            refusals.append(f"windows at {windows_at}: {refit.reason}")
+        if used == "matches" and fit.success and guide is prior:
+            # The fine tiles were matched only near where the georeference puts them (the coarse match failed), so
+            # matches there fit whatever the georeference says; unless area correlation confirms that fit, it may be
+            # tens of px off (64 px on the whole-tile seasons pair, content moved off its georeference).
+            H = None
+            report["reason"] = (f"no reliable transform: the matcher's fit ({fit.n_inliers} inliers) is not confirmed"
+                                f" by area correlation ({'; '.join(refusals)})")
         if used == "refined tie points" and base is not fit.H:
             log.warning("the matcher's transform %s: fitted on %d windows of %s instead",
                         "was not confirmed by area correlation" if fit.success else f"failed ({fit.reason})",
                         len(support0), windows_at)
     if H is None:
-        windows = f"; windows on a grid: {report['refinement']['reason']}" if "refinement" in report else ""
-        report["reason"] = f"no reliable transform: {fit.reason}{windows}"
+        if not report.get("reason"):
+            windows = f"; windows on a grid: {report['refinement']['reason']}" if "refinement" in report else ""
+            report["reason"] = f"no reliable transform: {fit.reason}{windows}"
         return finished(matches, fit.inliers, None)
     if used == "matches":
         support0, support1 = matches.pts0[fit.inliers], matches.pts1[fit.inliers]

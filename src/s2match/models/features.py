@@ -65,6 +65,9 @@ class LocalFeatures(nn.Module, abc.ABC):
     def _freeze(self) -> None:
         self.requires_grad_(False)
         self.eval()
+        # Channels-last convolutions (with the image in that layout too, in `forward`): the same features to float
+        # precision, ALIKED about 1.5x faster on CPU.
+        self.to(memory_format=torch.channels_last)
 
     def train(self, mode: bool = True) -> LocalFeatures:
         # Frozen: BatchNorm layers must keep their pretrained statistics even when Lightning calls .train().
@@ -77,7 +80,7 @@ class LocalFeatures(nn.Module, abc.ABC):
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         _check_image(image)
         with torch.no_grad():
-            found = self._detect_and_describe(image)
+            found = self._detect_and_describe(image.contiguous(memory_format=torch.channels_last))
         return _keep_strongest(found, self.max_keypoints)
 
 
