@@ -45,7 +45,8 @@ def write_tiny_pairs(sample_dir: Path, out: Path, splits: dict[str, int], size: 
                          "scene1": "ua-T36UUA-summer", "date0": "", "date1": "", "season0": "winter",
                          "season1": "summer", "path0": str(paths["winter"]),
                          "path1": str(paths["summer"]), "width": size, "height": size,
-                         "warp": json.dumps(H.ravel().tolist()), "date_shift_x": 0.0, "date_shift_y": 0.0})
+                         "warp": json.dumps(H.ravel().tolist()), "date_shift_x": 0.0, "date_shift_y": 0.0,
+                         "date_shift_from": "georeference"})
     pairs_dir = out / "pairs"
     pairs_dir.mkdir(exist_ok=True)
     pd.DataFrame(rows).to_csv(pairs_dir / "pairs.csv", index=False)
