@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -96,6 +97,16 @@ def test_changed_config_invalidates_entries(pairs, cached, tmp_path):
     build_cache(pairs.iloc[[0]], smaller, BORDER_PX, tmp_path)
     assert len(torch.load(tmp_path / "aliked" / "train0.pt", weights_only=True)["keypoints0"]) <= 16
     assert read_index(tmp_path / "aliked").pair_id.tolist() == ["train0"]
+
+
+def test_an_entry_is_the_same_file_whichever_process_writes_it(pairs, tmp_path, monkeypatch):
+    # Byte for byte: DVC hashes the files, and a re-extraction of equal features must not look like a new output.
+    one = pairs.iloc[[0]]
+    build_cache(one, ALIKED_SMALL, BORDER_PX, tmp_path / "a")
+    monkeypatch.setattr(os, "getpid", lambda: 1)  # another process: other temporary file names
+    build_cache(one, ALIKED_SMALL, BORDER_PX, tmp_path / "b")
+    written = [(tmp_path / run / "aliked" / "train0.pt").read_bytes() for run in ("a", "b")]
+    assert written[0] == written[1]
 
 
 def test_augmentation_is_seeded(pairs, cached, tmp_path):

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from s2match.data.pairs import load_pair, read_pairs
 from s2match.fileio import atomic_path
 from s2match.models.features import build_features, features_config
+from s2match.models.weights import save_checkpoint
 from s2match.twoview.pipeline import KeypointExtractor, resolve_device
 
 log = logging.getLogger(__name__)
@@ -142,8 +143,7 @@ def build_cache(pairs: pd.DataFrame, features_cfg: Mapping[str, Any], border_px:
         for i in tqdm(todo, desc=f"{features_cfg['name']} features", unit="pair"):
             entry = extract_pair(rows[i], extractor, augmentation if augments[i] else None, seed)
             entry["fingerprint"] = prints[i]
-            with atomic_path(directory / f"{rows[i]['pair_id']}.pt") as tmp:
-                torch.save(entry, tmp)
+            save_checkpoint(entry, directory / f"{rows[i]['pair_id']}.pt")
     index = pd.DataFrame([_index_row(directory, row["pair_id"], print_) for row, print_ in zip(rows, prints)],
                          columns=INDEX_COLUMNS)
     with atomic_path(directory / INDEX_NAME) as tmp:

@@ -12,8 +12,11 @@ import pathlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from s2match.fileio import atomic_path
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,14 @@ def resolve_weights(name: str, explicit_path: str | None = None) -> pathlib.Path
         except (OSError, http.client.HTTPException, ValueError) as error:  # URLError is an OSError; ValueError: bad URL
             looked_in.append(f"download {url} ({type(error).__name__}: {error})")
     raise FileNotFoundError(f"weights {name!r} not found; looked in: " + "; ".join(looked_in))
+
+
+def save_checkpoint(tensors: Mapping[str, Any], path: pathlib.Path | str) -> None:
+    """Write ``tensors`` with ``torch.save`` atomically. Through a file handle: given a path, torch names the
+    archive's records after the file, here a temporary name with the process id, so equal tensors would give files
+    that differ byte for byte (and DVC would see a changed output on every run)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(tensors, handle)
 
 
 def load_checkpoint(path: pathlib.Path | str) -> dict[str, torch.Tensor]:

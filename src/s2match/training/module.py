@@ -12,8 +12,8 @@ from kornia.feature.lightglue import filter_matches
 from omegaconf import DictConfig, OmegaConf
 
 from s2match.evaluation.metrics import AUC_THRESHOLDS, auc, match_precision, mean_corner_error
-from s2match.fileio import atomic_path
 from s2match.models.lightglue import build_lightglue
+from s2match.models.weights import save_checkpoint
 from s2match.training.groundtruth import match_labels
 from s2match.training.layerwise import LightGlueHead
 from s2match.training.loss import confidence_loss, deep_supervision_loss
@@ -216,6 +216,5 @@ class MatcherModule(pl.LightningModule):
     def export_weights(self, path: str | Path) -> Path:
         """Write `lightglue_state_dict()` to `path` (.pth) atomically."""
         path = Path(path)
-        with atomic_path(path) as tmp:
-            torch.save(self.lightglue_state_dict(), tmp)
+        save_checkpoint(self.lightglue_state_dict(), path)
         return path
