@@ -164,6 +164,17 @@ def test_unambiguous_windows_are_refined_and_ambiguous_ones_rejected(crop, refin
     assert np.all(refined.quality[ok] > refined.quality[~ok].max())
 
 
+def test_more_windows_than_one_resampling_call_takes_are_all_refined(crop, refiner):
+    """A whole-tile grid has thousands of windows; OpenCV's remap takes fewer than 32767 rows of windows at a time."""
+    shifted = resampled(crop, similarity(0.0, 1.0, (0.4, -0.7)))
+    lattice = np.arange(40.0, SIZE - 40.0, 16.0)
+    points = np.stack(np.meshgrid(lattice, lattice), axis=-1).reshape(-1, 2)
+    assert len(points) * refiner.window > np.iinfo(np.int16).max
+    refined = refiner.refine(crop, shifted, points)
+    assert refined.reliable.mean() > 0.9
+    assert np.abs(np.median(refined.shifts[refined.reliable], axis=0) - (0.4, -0.7)).max() <= 0.02
+
+
 def test_windows_all_on_no_data_are_rejected_without_error(crop, refiner):
     """A cloud mask or a footprint edge can leave no window with data: every one is rejected, none raises."""
     empty = np.full_like(crop, np.nan)

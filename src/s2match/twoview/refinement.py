@@ -24,6 +24,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import scipy.fft
 
 REASONS = ("ok", "no data", "low correlation", "shift too large")
 STATUS_DTYPE = "<U16"  # room for every status, "outlier" of the final fit included
@@ -44,13 +45,21 @@ def orientation_field(view: np.ndarray, sigma: float) -> tuple[np.ndarray, np.nd
 
 
 def _windows(planes: np.ndarray, centres: np.ndarray, size: int) -> np.ndarray:
-    """(N, size, size) complex windows of a field centred at `centres` (x, y), bilinear between pixels."""
-    windows = np.empty((len(centres), size, size), np.complex128)
+    """(N, size, size) complex windows of a field centred at `centres` (x, y), bicubic between pixels. The windows are
+    stacked into few remaps (each output pixel depends only on its own map entry, so this equals a remap per window);
+    a remap's maps must have fewer than SHRT_MAX rows."""
     grid = np.arange(size, dtype=np.float32) - (size - 1) / 2
-    for i, (x, y) in enumerate(centres):
-        map_x, map_y = np.meshgrid(grid + np.float32(x), grid + np.float32(y))
-        windows[i].real = cv2.remap(planes[0], map_x, map_y, cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
-        windows[i].imag = cv2.remap(planes[1], map_x, map_y, cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
+    centres = centres.astype(np.float32)
+    windows = np.empty((len(centres), size, size), np.complex128)
+    per_remap = (np.iinfo(np.int16).max - 1) // size
+    for start in range(0, len(centres), per_remap):
+        chunk = centres[start:start + per_remap]
+        shape = (len(chunk), size, size)
+        map_x = np.broadcast_to(grid[None, None, :] + chunk[:, 0, None, None], shape).reshape(-1, size)
+        map_y = np.broadcast_to(grid[None, :, None] + chunk[:, 1, None, None], shape).reshape(-1, size)
+        part = windows[start:start + per_remap]
+        part.real, part.imag = (cv2.remap(plane, map_x, map_y, cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
+                                .reshape(shape) for plane in planes)
     return windows
 
 
@@ -61,13 +70,14 @@ def _parabola_vertex(minus: np.ndarray, centre: np.ndarray, plus: np.ndarray) ->
     return np.where(peaked, 0.5 * (minus - plus) / np.where(peaked, curvature, -1.0), 0.0)
 
 
-def peak_offsets(reference: np.ndarray, moving: np.ndarray) -> np.ndarray:
-    """(N, 2) (x, y) offsets of the cross-correlation peaks of N window pairs (N, W, W): the ground at a pixel of
-    `reference` lies that much earlier in `moving` (moving(p) ~ reference(p + offset)), to a fraction of a pixel."""
-    count, size = reference.shape[0], reference.shape[-1]
+def peak_offsets(reference_spectrum: np.ndarray, moving: np.ndarray) -> np.ndarray:
+    """(N, 2) (x, y) offsets of the cross-correlation peaks of N window pairs, given the 2-D FFT of the reference
+    windows (N, W, W) and the moving windows: the ground at a pixel of the reference lies that much earlier in
+    `moving` (moving(p) ~ reference(p + offset)), to a fraction of a pixel."""
+    count, size = moving.shape[0], moving.shape[-1]
     if count == 0:  # every window rejected already (no data)
         return np.zeros((0, 2))
-    surface = np.abs(np.fft.ifft2(np.fft.fft2(reference) * np.conj(np.fft.fft2(moving))))
+    surface = np.abs(scipy.fft.ifft2(reference_spectrum * np.conj(scipy.fft.fft2(moving))))
     rows, cols = np.divmod(surface.reshape(count, -1).argmax(axis=1), size)
     index = np.arange(count)
     peak = surface[index, rows, cols]
@@ -145,12 +155,13 @@ class TiePointRefiner:
         status[~valid[centres[:, 1].astype(int), centres[:, 0].astype(int)]] = "no data"
         active = np.flatnonzero(status == "ok")
         reference = _windows(field0, centres[active], self.window) * taper
+        spectrum = scipy.fft.fft2(reference)  # the reference windows stay put: one FFT for every iteration
         for _ in range(self.iterations):
             moving = _windows(field1, centres[active] + shifts[active], self.window) * taper
-            shifts[active] -= peak_offsets(reference, moving)
+            shifts[active] -= peak_offsets(spectrum, moving)
             within = np.all(np.abs(shifts[active]) <= self.max_shift, axis=1)
             status[active[~within]] = "shift too large"
-            active, reference = active[within], reference[within]
+            active, reference, spectrum = active[within], reference[within], spectrum[within]
         moving = _windows(field1, centres[active] + shifts[active], self.window) * taper
         norms = np.sqrt(np.sum(np.abs(reference) ** 2, axis=(1, 2)) * np.sum(np.abs(moving) ** 2, axis=(1, 2)))
         correlation = np.abs(np.sum(np.conj(moving) * reference, axis=(1, 2)))
