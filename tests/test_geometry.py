@@ -1,3 +1,4 @@
+import cv2
 import numpy as np
 import pytest
 
@@ -39,6 +40,31 @@ def test_fit_recovers_homography_despite_outliers(method):
     assert _corner_error(fit.H, H_true) < 1.0
     assert fit.n_inliers == fit.inliers.sum()
     assert np.mean(fit.inliers == ~is_outlier) > 0.95
+
+
+def test_the_final_transform_is_the_simplest_model_the_tie_points_support():
+    """Refined tie points of two dates (inliers), given with a homography fitted to them: a shift in noise comes
+    back a shift (two parameters, not eight), a small scale the noise cannot hide an affine map, and a perspective
+    the homography itself."""
+    rng = np.random.default_rng(5)
+    pts0 = rng.uniform(0, 512, size=(60, 2))
+    noise = rng.normal(0, 0.25, size=(60, 2))
+
+    def simplest(M_true):
+        pts1 = warp_points(M_true, pts0) + noise
+        H, _ = cv2.findHomography(pts0, pts1, 0)
+        return (H, *RobustEstimator.simplest(pts0, pts1, H))
+
+    _, shift, model = simplest(np.array([[1, 0, 0.4], [0, 1, -0.3], [0, 0, 1.0]]))
+    assert model == "shift" and np.array_equal(shift[:2, :2], np.eye(2)) and np.all(shift[2] == [0, 0, 1])
+    np.testing.assert_allclose(shift[:2, 2], [0.4, -0.3], atol=0.1)
+
+    _, affine, model = simplest(np.array([[1.004, 0, -1.0], [0, 1.004, -1.0], [0, 0, 1.0]]))  # 2 px across
+    assert model == "affine" and np.all(affine[2] == [0, 0, 1])
+    np.testing.assert_allclose(affine[0, 0], 1.004, atol=1e-3)
+
+    H, kept, model = simplest(np.array([[1, 0, 0], [0, 1, 0], [1e-5, 0, 1.0]]))  # 2.6 px at the far corners
+    assert model == "homography" and kept is H
 
 
 @pytest.mark.parametrize(

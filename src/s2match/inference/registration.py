@@ -16,8 +16,9 @@ co-registration all call `register`, so what the evaluation measures is what use
    full-resolution pixels of both images and one robust fit takes them all.
 4. Refinement (`refine`): image1 is resampled into each tile by that fit, and each inlier tie point is refined
    by area correlation (s2match.twoview.refinement); a robust fit to the reliable refined shifts corrects that
-   fit (the final H is the fit composed with the correction: affine, or a homography where the tie points show
-   perspective beyond their noise). Where the matcher ties too few points for a fit (clouds, snow, coarse
+   fit (the fit composed with the correction: affine, or a homography where the tie points show perspective
+   beyond their noise). The final H is the simplest transform the inlier tie points support: a shift (two dates of
+   one Sentinel-2 grid), an affine map, or that corrected fit. Where the matcher ties too few points for a fit (clouds, snow, coarse
    overviews), or its tie points do not correlate under its fit (`grid_windows`), two georeferenced scenes get
    windows on a regular grid over the overlap instead, placed by the georeference, as AROSICS places its windows.
    Where the coarse match failed and the fine tiles followed the georeference, a fit of their matches that area
@@ -527,10 +528,12 @@ def register(image0: Scene, image1: Scene, pipeline: TwoViewPipeline, settings: 
                                     "inliers": refit.n_inliers, "used": refit.success, "reason": refit.reason,
                                     "correction": correction_model(refit.H) if refit.success else None}
             if refit.success:
-                H, used = base @ refit.H, "refined tie points"
                 keep = np.flatnonzero(reliable)[refit.inliers]
                 tie_points.status[np.flatnonzero(reliable)[~refit.inliers]] = "outlier"
                 support0, support1 = tie_points.pts0[keep], tie_points.pts1[keep]
+                H, model = pipeline.estimator.simplest(support0, support1, base @ refit.H)
+                used = "refined tie points"
+                report["refinement"]["model"] = correction_model(refit.H) if model == "homography" else model
                 break
             log.warning("refinement on windows at %s not used: %s", windows_at, refit.reason)
             refusals.append(f"windows at {windows_at}: {refit.reason}")

@@ -21,9 +21,9 @@ from s2match.timeseries.graph import Edge, EdgeResult
 from s2match.twoview.pipeline import TwoViewPipeline
 
 
-# Parameters of a homography with H[2, 2] = 1, and of an affine map (its first six).
-HOMOGRAPHY_DOF = 8
-AFFINE_DOF = 6
+# The entries of H (row-major, H[2, 2] = 1) each model of the last fit leaves free: a homography's eight, an
+# affine map's first six, a shift's translation.
+FREE_ENTRIES = {"homography": (0, 1, 2, 3, 4, 5, 6, 7), "affine": (0, 1, 2, 3, 4, 5), "shift": (2, 5)}
 
 
 def support_points(registration: Registration) -> tuple[np.ndarray, np.ndarray]:
@@ -46,23 +46,24 @@ def _jacobian(H: np.ndarray, pts: np.ndarray) -> np.ndarray:
     return np.stack([du, dv], axis=1)
 
 
-def fitted_dof(registration: Registration) -> int:
-    """Free parameters of the last fit: the refined tie points' correction (affine or homography), else the
-    matcher's homography."""
-    refinement = registration.report.get("refinement", {})
-    fitted_affine = (registration.report.get("fitted_on") == "refined tie points"
-                     and refinement.get("correction") == "affine")
-    return AFFINE_DOF if fitted_affine else HOMOGRAPHY_DOF
+def fitted_model(registration: Registration) -> str:
+    """The model of the last fit: the one chosen on the refined tie points (a shift, an affine map, or the
+    matcher's homography with an affine or a homography correction, whose free entries are an affine map's or a
+    homography's), else the matcher's homography."""
+    if registration.report.get("fitted_on") == "refined tie points":
+        return registration.report["refinement"]["model"]
+    return "homography"
 
 
 def frame_sigma(H: np.ndarray, pts0: np.ndarray, pts1: np.ndarray, size: tuple[int, int],
-                dof: int = HOMOGRAPHY_DOF) -> float:
+                model: str = "homography") -> float:
     """Precision of a fitted transform over image0's frame: the standard error (px of image1) of where it puts the
     frame's corners and centre, from the fit's residuals and the tie points' number and spread (least-squares
-    covariance, linearised in the first `dof` entries of H: 8 for a homography, 6 when the last fit was affine,
-    whose perspective entries were not free). Tie points bunched in one part of the frame leave the rest poorly
-    known, which the residuals alone do not show. Computed in coordinates centred on the frame and scaled by its
-    size."""
+    covariance, linearised in the entries of H the last fit's `model` left free: FREE_ENTRIES). Tie points bunched
+    in one part of the frame leave the rest poorly known, which the residuals alone do not show. Computed in
+    coordinates centred on the frame and scaled by its size."""
+    free = list(FREE_ENTRIES[model])
+    dof = len(free)
     if len(pts0) <= dof // 2:
         return math.inf
     width, height = size
@@ -70,14 +71,14 @@ def frame_sigma(H: np.ndarray, pts0: np.ndarray, pts1: np.ndarray, size: tuple[i
     H_unit = H @ np.linalg.inv(to_unit)
     H_unit = H_unit / H_unit[2, 2]
     unit0 = warp_points(to_unit, pts0)
-    jacobian = _jacobian(H_unit, unit0)[:, :, :dof].reshape(-1, dof)
+    jacobian = _jacobian(H_unit, unit0)[:, :, free].reshape(-1, dof)
     variance = float(np.sum((warp_points(H_unit, unit0) - pts1) ** 2)) / (2 * len(pts0) - dof)
     normal = jacobian.T @ jacobian
     if np.linalg.cond(normal) > 1e12:
         return math.inf
     covariance = variance * np.linalg.inv(normal)
     probes = np.array([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0], [0.0, 0.0]])
-    spread = [np.trace(j @ covariance @ j.T) for j in _jacobian(H_unit, probes)[:, :, :dof]]
+    spread = [np.trace(j @ covariance @ j.T) for j in _jacobian(H_unit, probes)[:, :, free]]
     return float(math.sqrt(max(spread)))
 
 
@@ -126,7 +127,7 @@ class PairMatcher:
         registration = register(image0, image1, self.pipeline, self.settings, self.cache)
         report = registration.report
         shift = report.get("shift_px", {}).get("median", [np.nan, np.nan])
-        sigma = (frame_sigma(registration.H, *support_points(registration), image0.size, fitted_dof(registration))
+        sigma = (frame_sigma(registration.H, *support_points(registration), image0.size, fitted_model(registration))
                  if registration.H is not None else math.inf)
         return EdgeResult(edge, bool(report["success"]), report["reason"], registration.H,
                           int(report.get("inliers", 0)), float(report.get("residuals_px", {}).get("rmse", np.nan)),

@@ -15,6 +15,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+from scipy.stats import f as f_distribution
 
 from s2match.geo.homography import as_points, residuals
 
@@ -34,6 +35,9 @@ MAX_AREA_SCALE = 1e4
 
 # fit_correction: a homography instead of an affine correction only when it divides the squared residuals by this.
 PERSPECTIVE_GAIN = 2.0
+# simplest: a homography's further parameters are kept only when they explain the residuals at this significance
+# (F-test of nested least-squares fits): what chance alone would explain is left to the simpler model.
+SIMPLER_MODEL_SIGNIFICANCE = 0.01
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,31 @@ class RobustEstimator:
         if affine_squares > PERSPECTIVE_GAIN * homography_squares:
             return self._checked(np.asarray(H, np.float64), affine.inliers, pts0)
         return affine
+
+    @staticmethod
+    def simplest(pts0, pts1, H: np.ndarray) -> tuple[np.ndarray, str]:
+        """The simplest transform that explains inlier correspondences pts1 ~ H(pts0) as well as a homography: a
+        shift, else an affine map (least squares), unless a homography's further parameters are significant (F-test
+        of the nested least-squares fits at SIMPLER_MODEL_SIGNIFICANCE). Returns the transform and 'shift',
+        'affine' or 'homography' (H itself). Two dates of one Sentinel-2 grid differ by a shift, and two parameters
+        are known far better than eight from the same few, noisy tie points of two seasons (the corners are where
+        the other parameters' noise shows)."""
+        pts0, pts1 = _pair(pts0, pts1)
+        free = 2 * len(pts0) - 8
+        least_squares, _ = cv2.findHomography(pts0, pts1, 0)
+        if free <= 0 or least_squares is None:
+            return H, "homography"
+        full_squares = float(np.sum(residuals(least_squares, pts0, pts1) ** 2))
+        design = np.c_[pts0, np.ones(len(pts0))]
+        affine = np.vstack([np.linalg.lstsq(design, pts1, rcond=None)[0].T, [0.0, 0.0, 1.0]])
+        shift = np.eye(3)
+        shift[:2, 2] = np.mean(pts1 - pts0, axis=0)
+        for name, simple, parameters in (("shift", shift, 2), ("affine", affine, 6)):
+            squares = float(np.sum(residuals(simple, pts0, pts1) ** 2))
+            f_statistic = (squares - full_squares) / (8 - parameters) / max(full_squares / free, 1e-300)
+            if f_statistic < f_distribution.ppf(1 - SIMPLER_MODEL_SIGNIFICANCE, 8 - parameters, free):
+                return simple, name
+        return H, "homography"
 
     def fit_affine(self, pts0, pts1, threshold: float | None = None) -> FitResult:
         """Robust affine fit pts1 ~ A(pts0) (RANSAC, then Levenberg-Marquardt on the inliers) as a 3x3 matrix, with
