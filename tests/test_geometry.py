@@ -44,8 +44,8 @@ def test_fit_recovers_homography_despite_outliers(method):
 
 def test_the_final_transform_is_the_simplest_model_the_tie_points_support():
     """Refined tie points of two dates (inliers), given with a homography fitted to them: a shift in noise comes
-    back a shift (two parameters, not eight), a small scale the noise cannot hide an affine map, and a perspective
-    the homography itself."""
+    back a shift (two parameters, not eight), as does a shift with a scale too small to matter, a small scale the
+    noise cannot hide an affine map, and a perspective the homography itself."""
     rng = np.random.default_rng(5)
     pts0 = rng.uniform(0, 512, size=(60, 2))
     noise = rng.normal(0, 0.25, size=(60, 2))
@@ -58,6 +58,12 @@ def test_the_final_transform_is_the_simplest_model_the_tie_points_support():
     _, shift, model = simplest(np.array([[1, 0, 0.4], [0, 1, -0.3], [0, 0, 1.0]]))
     assert model == "shift" and np.array_equal(shift[:2, :2], np.eye(2)) and np.all(shift[2] == [0, 0, 1])
     np.testing.assert_allclose(shift[:2, 2], [0.4, -0.3], atol=0.1)
+
+    # a same-date pair: noise so low that a 0.005 px scale across the tile is significant, but far below any use
+    noise *= 0.01
+    _, shift, model = simplest(np.array([[1.00001, 0, 0.4], [0, 1.00001, -0.3], [0, 0, 1.0]]))
+    assert model == "shift"
+    noise *= 100
 
     _, affine, model = simplest(np.array([[1.004, 0, -1.0], [0, 1.004, -1.0], [0, 0, 1.0]]))  # 2 px across
     assert model == "affine" and np.all(affine[2] == [0, 0, 1])

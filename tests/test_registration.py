@@ -91,6 +91,7 @@ def test_every_extractor_registers_a_known_transform_exactly(crop, extractor):
         registration = register(image0, ArrayScene.of(image1, f"image1 {name}"), pipeline, settings)
         assert registration.success, f"{extractor}, {name}: {registration.report['reason']}"
         assert registration.report["fitted_on"] == "refined tie points"
+        assert registration.report["refinement"]["model"] != "shift", f"{extractor}, {name}: a turn is no shift"
         offsets = corner_offsets(registration.H, H_true)
         assert np.linalg.norm(offsets, axis=1).mean() <= 0.05, f"{extractor}, {name}: {offsets}"
         assert np.all(np.abs(offsets.mean(axis=0)) <= 0.03), f"{extractor}, {name}: systematic {offsets.mean(0)}"
@@ -101,6 +102,8 @@ def test_a_sub_pixel_shift_is_recovered(crop):
     shift = similarity(0.0, 1.0, (0.3, -0.2))
     registration = register(ArrayScene.of(crop, "image0"), ArrayScene.of(resampled(crop, shift), "shifted"),
                             pipeline, settings)
+    assert registration.report["refinement"]["model"] == "shift"  # two parameters: nothing else is there
+    assert np.array_equal(registration.H[:2, :2], np.eye(2)) and np.all(registration.H[2] == [0, 0, 1])
     assert np.abs(corner_offsets(registration.H, shift)).max() <= 0.1
 
 

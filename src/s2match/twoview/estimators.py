@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from scipy.stats import f as f_distribution
 
-from s2match.geo.homography import as_points, residuals
+from s2match.geo.homography import as_points, residuals, warp_points
 
 ROBUST_METHODS = {
     "usac_magsac": cv2.USAC_MAGSAC,
@@ -36,8 +36,11 @@ MAX_AREA_SCALE = 1e4
 # fit_correction: a homography instead of an affine correction only when it divides the squared residuals by this.
 PERSPECTIVE_GAIN = 2.0
 # simplest: a homography's further parameters are kept only when they explain the residuals at this significance
-# (F-test of nested least-squares fits): what chance alone would explain is left to the simpler model.
+# (F-test of nested least-squares fits): what chance alone would explain is left to the simpler model...
 SIMPLER_MODEL_SIGNIFICANCE = 0.01
+# ...and only when they move some tie point by more than this (px): on a same-date pair the noise is so low that
+# differences far below what any use can see (0.005 px over a 512 px tile) are significant.
+SIMPLER_MODEL_TOLERANCE_PX = 0.02
 
 
 @dataclass(frozen=True)
@@ -144,8 +147,8 @@ class RobustEstimator:
     def simplest(pts0, pts1, H: np.ndarray) -> tuple[np.ndarray, str]:
         """The simplest transform that explains inlier correspondences pts1 ~ H(pts0) as well as a homography: a
         shift, else an affine map (least squares), unless a homography's further parameters are significant (F-test
-        of the nested least-squares fits at SIMPLER_MODEL_SIGNIFICANCE). Returns the transform and 'shift',
-        'affine' or 'homography' (H itself). Two dates of one Sentinel-2 grid differ by a shift, and two parameters
+        of the nested least-squares fits at SIMPLER_MODEL_SIGNIFICANCE) and move some tie point by more than
+        SIMPLER_MODEL_TOLERANCE_PX. Returns the transform and 'shift', 'affine' or 'homography' (H itself). Two dates of one Sentinel-2 grid differ by a shift, and two parameters
         are known far better than eight from the same few, noisy tie points of two seasons (the corners are where
         the other parameters' noise shows)."""
         pts0, pts1 = _pair(pts0, pts1)
@@ -161,7 +164,9 @@ class RobustEstimator:
         for name, simple, parameters in (("shift", shift, 2), ("affine", affine, 6)):
             squares = float(np.sum(residuals(simple, pts0, pts1) ** 2))
             f_statistic = (squares - full_squares) / (8 - parameters) / max(full_squares / free, 1e-300)
-            if f_statistic < f_distribution.ppf(1 - SIMPLER_MODEL_SIGNIFICANCE, 8 - parameters, free):
+            difference = np.max(np.linalg.norm(warp_points(simple, pts0) - warp_points(least_squares, pts0), axis=1))
+            if (f_statistic < f_distribution.ppf(1 - SIMPLER_MODEL_SIGNIFICANCE, 8 - parameters, free)
+                    or difference <= SIMPLER_MODEL_TOLERANCE_PX):
                 return simple, name
         return H, "homography"
 
