@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from skimage.registration import phase_cross_correlation
 
-from s2match.twoview.refinement import orientation_field
+from s2match.orientation import orientation_field
 
 
 @dataclass(frozen=True)

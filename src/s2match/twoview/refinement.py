@@ -6,9 +6,8 @@ of a view at once), the peak located to a fraction of a pixel by a parabola thro
 window of image1 resampled at the estimate and correlated again (`iterations` times): the residual shift then
 sits at the centre of the peak, where a parabola has no bias towards whole pixels.
 
-What is correlated is not the brightness but the gradient orientation field z = g^2 / |g| (g = dI/dx + i dI/dy):
-its magnitude is the edge strength and its phase twice the edge direction, so a field edge that is dark against
-bright in winter and bright against dark in summer (contrast inversion under snow) looks the same in both.
+What is correlated is not the brightness but the gradient orientation field (s2match.orientation), which a
+contrast inversion under snow leaves alike.
 
 A window is used only when its correlation is unambiguous: both windows hold data, the normalised correlation of
 the two fields at the found shift reaches `min_quality` (a featureless, cloud-covered or changed patch does not),
@@ -17,7 +16,6 @@ and the shift stays within `max_shift` px. Rejected windows are counted by reaso
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,22 +24,10 @@ import cv2
 import numpy as np
 import scipy.fft
 
+from s2match.orientation import orientation_field
+
 REASONS = ("ok", "no data", "low correlation", "shift too large")
 STATUS_DTYPE = "<U16"  # room for every status, "outlier" of the final fit included
-
-
-def orientation_field(view: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
-    """(real, imaginary) float32 planes of z = g^2 / |g| of a (C, H, W) view's mean band, and its valid mask."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels stay NaN
-        image = np.nanmean(view, axis=0) if view.shape[0] > 1 else view[0]
-    valid = np.isfinite(image)
-    filled = np.where(valid, image, np.nanmedian(image) if valid.any() else 0.0).astype(np.float32)
-    smooth = cv2.GaussianBlur(filled, (0, 0), sigma)
-    gx = cv2.Sobel(smooth, cv2.CV_32F, 1, 0, ksize=3)
-    gy = cv2.Sobel(smooth, cv2.CV_32F, 0, 1, ksize=3)
-    magnitude = np.maximum(np.hypot(gx, gy), np.finfo(np.float32).tiny)
-    return np.stack([(gx * gx - gy * gy) / magnitude, 2 * gx * gy / magnitude]), valid
 
 
 def _windows(planes: np.ndarray, centres: np.ndarray, size: int) -> np.ndarray:
