@@ -18,11 +18,11 @@ co-registration all call `register`, so what the evaluation measures is what use
    by area correlation (s2match.twoview.refinement); a robust fit to the reliable refined shifts corrects that
    fit (the fit composed with the correction: affine, or a homography where the tie points show perspective
    beyond their noise). The final H is the simplest transform the inlier tie points support: a shift (two dates of
-   one Sentinel-2 grid), an affine map, or that corrected fit. Where the matcher ties too few points for a fit (clouds, snow, coarse
-   overviews), or its tie points do not correlate under its fit (`grid_windows`), two georeferenced scenes get
-   windows on a regular grid over the overlap instead, placed by the georeference, as AROSICS places its windows.
-   Where the coarse match failed and the fine tiles followed the georeference, a fit of their matches that area
-   correlation does not confirm is no registration.
+   one Sentinel-2 grid), an affine map, or that corrected fit. Where the matcher ties too few points for a fit
+   (clouds, snow, coarse overviews), or its tie points do not correlate under its fit (`grid_windows`), two
+   georeferenced scenes get windows on a regular grid over the overlap instead, placed by the georeference, as
+   AROSICS places its windows. Where the coarse match failed and the fine tiles followed the georeference, a fit
+   of their matches that area correlation does not confirm is no registration.
 
 Pixel convention (OpenCV): (x, y), (0, 0) the centre of the top-left pixel; boxes (x0, y0, x1, y1) in pixel edges.
 """

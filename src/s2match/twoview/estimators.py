@@ -148,9 +148,9 @@ class RobustEstimator:
         """The simplest transform that explains inlier correspondences pts1 ~ H(pts0) as well as a homography: a
         shift, else an affine map (least squares), unless a homography's further parameters are significant (F-test
         of the nested least-squares fits at SIMPLER_MODEL_SIGNIFICANCE) and move some tie point by more than
-        SIMPLER_MODEL_TOLERANCE_PX. Returns the transform and 'shift', 'affine' or 'homography' (H itself). Two dates of one Sentinel-2 grid differ by a shift, and two parameters
-        are known far better than eight from the same few, noisy tie points of two seasons (the corners are where
-        the other parameters' noise shows)."""
+        SIMPLER_MODEL_TOLERANCE_PX. Returns the transform and 'shift', 'affine' or 'homography' (H itself). Two
+        dates of one Sentinel-2 grid differ by a shift, and two parameters are known far better than eight from the
+        same few, noisy tie points of two seasons (the corners are where the other parameters' noise shows)."""
         pts0, pts1 = _pair(pts0, pts1)
         free = 2 * len(pts0) - 8
         least_squares, _ = cv2.findHomography(pts0, pts1, 0)
