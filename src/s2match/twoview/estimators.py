@@ -161,10 +161,11 @@ class RobustEstimator:
         affine = np.vstack([np.linalg.lstsq(design, pts1, rcond=None)[0].T, [0.0, 0.0, 1.0]])
         shift = np.eye(3)
         shift[:2, 2] = np.mean(pts1 - pts0, axis=0)
+        fitted = warp_points(least_squares, pts0)
         for name, simple, parameters in (("shift", shift, 2), ("affine", affine, 6)):
             squares = float(np.sum(residuals(simple, pts0, pts1) ** 2))
             f_statistic = (squares - full_squares) / (8 - parameters) / max(full_squares / free, 1e-300)
-            difference = np.max(np.linalg.norm(warp_points(simple, pts0) - warp_points(least_squares, pts0), axis=1))
+            difference = np.max(np.linalg.norm(warp_points(simple, pts0) - fitted, axis=1))
             if (f_statistic < f_distribution.ppf(1 - SIMPLER_MODEL_SIGNIFICANCE, 8 - parameters, free)
                     or difference <= SIMPLER_MODEL_TOLERANCE_PX):
                 return simple, name
