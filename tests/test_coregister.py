@@ -118,9 +118,9 @@ def ukraine_crops() -> tuple[np.ndarray, np.ndarray, rasterio.Affine, rasterio.c
 
 def test_winter_date_reaches_the_summer_reference_through_spring(tmp_path):
     """Snow against summer fails directly (the matcher finds no match; windows on a grid placed by the georeference
-    give a transform too imprecise to rely on); a spring date, snow still on two quadrants (the real winter scene
-    there, the real summer one on the other two), matches both, and the chain summer > spring > winter is used.
-    Thresholds for 384 px crops: 20 tie points (the estimator's own minimum), 0.2 px."""
+    give a transform too imprecise to rely on: 24 tie points, 0.1 px); a spring date, snow still on two quadrants
+    (the real winter scene there, the real summer one on the other two), matches both, and the chain summer >
+    spring > winter is used. Thresholds for 384 px crops: 20 tie points (the estimator's own minimum), 0.05 px."""
     winter, summer, transform, crs = ukraine_crops()
     rows, cols = np.indices(winter.shape)
     spring = np.where((rows < 192) == (cols < 192), winter, summer)
@@ -129,7 +129,7 @@ def test_winter_date_reaches_the_summer_reference_through_spring(tmp_path):
              write_dated(tmp_path / "in" / "spring.tif", shifted(spring, shifts["spring"]), transform, crs, "20190410"),
              write_dated(tmp_path / "in" / "winter.tif", shifted(winter, shifts["winter"]), transform, crs, "20190120")]
     summary, table, edges = run_stack(tmp_path, files, "coregister.reference=2019-07-15", "coregister.scheduler=none",
-                                      "coregister.min_inliers=20", "coregister.max_sigma_px=0.2")
+                                      "coregister.min_inliers=20", "coregister.max_sigma_px=0.05")
     rows = table.set_index("date")
     direct = edges[(edges["source"] == "2019-07-15") & (edges["target"] == "2019-01-20")].iloc[0]
     assert not direct["reliable"], "snow against summer must fail directly for this test to mean anything"

@@ -15,12 +15,13 @@ co-registration all call `register`, so what the evaluation measures is what use
    read), so the matcher sees two nearly aligned views at equal scale and orientation; matches go back to
    full-resolution pixels of both images and one robust fit takes them all.
 4. Refinement (`refine`): image1 is resampled into each tile by that fit, and each inlier tie point is refined
-   by area correlation (s2match.twoview.refinement); a robust fit to the reliable refined shifts corrects that
-   fit (the fit composed with the correction: affine, or a homography where the tie points show perspective
-   beyond their noise). The final H is the simplest transform the inlier tie points support: a shift (two dates of
-   one Sentinel-2 grid), an affine map, or that corrected fit. Where the matcher ties too few points for a fit
-   (clouds, snow, coarse overviews), or its tie points do not correlate under its fit (`grid_windows`), two
-   georeferenced scenes get windows on a regular grid over the overlap instead, placed by the georeference, as
+   by area correlation (s2match.twoview.refinement); a robust affine correction of that fit says which refined
+   shifts agree. The final H is fitted to those inlier tie points alone, by least squares: the simplest transform
+   they support, a shift (two dates of one Sentinel-2 grid), an affine map, or a homography. The matcher's fit
+   only places the windows, so its own errors (a perspective a correction would have to undo) do not reach the
+   result; `refine_passes` - 1 more passes place them by the refined fit. Where the matcher ties too few points
+   for a fit (clouds, snow, coarse overviews), or its tie points do not correlate under its fit (`grid_windows`),
+   two georeferenced scenes get windows on a regular grid over the overlap instead, placed by the georeference, as
    AROSICS places its windows. Where the coarse match failed and the fine tiles followed the georeference, a fit
    of their matches that area correlation does not confirm is no registration.
 
@@ -69,7 +70,8 @@ AUTO_SECOND_PASS_SCALE = 1.5
 class RegistrationSettings:
     """conf/registration/: see the module docstring. `search_accept`: inliers of the upright, same-contrast coarse
     fit above which no other orientation (`search_orientation`) or contrast (`search_contrast`) is tried;
-    `refined_threshold`: inlier threshold (px) of the correction fitted to the refined tie points."""
+    `refined_threshold`: inlier threshold (px) of the correction fitted to the refined tie points; `refine_passes`:
+    refinements in a row, each with image1 placed by the fit of the one before."""
 
     coarse_size: int
     tile_size: int
@@ -83,11 +85,14 @@ class RegistrationSettings:
     search_contrast: bool
     search_accept: int
     refined_threshold: float
+    refine_passes: int
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> RegistrationSettings:
         if cfg["second_pass"] not in (True, False, "auto"):
             raise ValueError(f"registration.second_pass={cfg['second_pass']}: expected true, false or auto")
+        if int(cfg["refine_passes"]) < 1:
+            raise ValueError(f"registration.refine_passes={cfg['refine_passes']}: expected 1 or more")
         return cls(**{name: cfg[name] for name in cls.__dataclass_fields__})
 
     def runs_second_pass(self, coarse_scale: float) -> bool:
@@ -299,6 +304,19 @@ class _Coarse:
     how: ViewOfImage1
 
 
+@dataclass
+class _Refined:
+    """One refinement pass: the tie points (status "outlier" where the correction rejects them), the robust
+    correction that chose them, and the simplest transform fitted to its inliers."""
+
+    tie_points: TiePoints
+    correction: FitResult
+    summary: dict
+    support: tuple[np.ndarray, np.ndarray] = (np.zeros((0, 2)), np.zeros((0, 2)))
+    H: np.ndarray | None = None
+    model: str = ""
+
+
 class _Registrar:
     """One registration: the two scenes, the pipeline, the settings, the timings and the feature cache."""
 
@@ -324,9 +342,9 @@ class _Registrar:
         with self.timings.phase("fit_s"):
             return self.pipeline.estimator.fit(pts0, pts1, threshold)
 
-    def fit_correction(self, pts0: np.ndarray, pts1: np.ndarray, threshold: float) -> FitResult:
+    def fit_affine(self, pts0: np.ndarray, pts1: np.ndarray, threshold: float) -> FitResult:
         with self.timings.phase("fit_s"):
-            return self.pipeline.estimator.fit_correction(pts0, pts1, threshold)
+            return self.pipeline.estimator.fit_affine(pts0, pts1, threshold)
 
     def coarse(self, box0: Box, prior: np.ndarray | None) -> _Coarse:
         """Match image0's `box0` and image1 at ~coarse_size px; see the module docstring."""
@@ -411,10 +429,32 @@ class _Registrar:
                                        refined.quality, refined.status))
         return TiePoints.concat(parts)
 
-
-def correction_model(C: np.ndarray) -> str:
-    """'affine' or 'homography': which model fit_correction chose (an affine's last row is exactly 0, 0, 1)."""
-    return "affine" if C[2, 0] == 0 and C[2, 1] == 0 else "homography"
+    def refined_fit(self, tiles: list[Box], base: np.ndarray, points: np.ndarray, scores: np.ndarray,
+                    chance_share: float) -> _Refined:
+        """Refine the tie points around `points` with image1 placed by `base`, find those that agree (a robust
+        affine correction of `base`: it is right to a pixel or two, so six parameters take out what is left of it
+        everywhere) and fit the final transform to them alone, by least squares (RobustEstimator.simplest). Fewer
+        agreeing windows than `chance_share` of those with data is no fit (chance correlations of smooth ground)."""
+        tie_points = self.refine(tiles, base, points, scores)
+        reliable = tie_points.status == "ok"
+        correction = self.fit_affine(tie_points.pts0[reliable],
+                                     warp_points(np.linalg.inv(base), tie_points.pts1[reliable]),
+                                     self.settings.refined_threshold)
+        with_data = int(np.sum(tie_points.status != "no data"))
+        if correction.success and correction.n_inliers < chance_share * with_data:
+            correction = failure(int(reliable.sum()), f"only {correction.n_inliers} of {with_data} windows agree "
+                                 f"(fewer than {chance_share:.0%}: chance correlations of smooth ground)")
+        summary = {"windows": int(len(tie_points.status)), "reliable": int(reliable.sum()),
+                   "rejected": {reason: int(np.sum(tie_points.status == reason))
+                                for reason in ("no data", "low correlation", "shift too large")},
+                   "inliers": correction.n_inliers, "used": correction.success, "reason": correction.reason}
+        if not correction.success:
+            return _Refined(tie_points, correction, summary)
+        tie_points.status[np.flatnonzero(reliable)[~correction.inliers]] = "outlier"
+        keep = np.flatnonzero(reliable)[correction.inliers]
+        support = tie_points.pts0[keep], tie_points.pts1[keep]
+        H, model = self.pipeline.estimator.simplest(*support)
+        return _Refined(tie_points, correction, summary, support, H, model)
 
 
 def window_grid(box: Box, spacing: float) -> np.ndarray:
@@ -511,29 +551,23 @@ def register(image0: Scene, image1: Scene, pipeline: TwoViewPipeline, settings: 
             attempts.append(("a grid over the overlap placed by the georeference", prior, grid, np.zeros(len(grid))))
         refusals = []
         for windows_at, base, points, scores in attempts:
-            tie_points = run.refine(tiles, base, points, scores)
-            reliable = tie_points.status == "ok"
-            # The refined shifts correct the base transform in image0's frame (H <- H o C): see fit_correction.
-            refit = run.fit_correction(tie_points.pts0[reliable],
-                                       warp_points(np.linalg.inv(base), tie_points.pts1[reliable]),
-                                       settings.refined_threshold)
-            with_data = int(np.sum(tie_points.status != "no data"))
-            if base is prior and refit.success and refit.n_inliers < GRID_MIN_SHARE * with_data:
-                refit = failure(int(reliable.sum()), f"only {refit.n_inliers} of {with_data} windows agree (fewer "
-                                f"than {GRID_MIN_SHARE:.0%}: chance correlations of smooth ground)")
-            report["refinement"] = {"windows_at": windows_at, "windows": int(len(tie_points.status)),
-                                    "reliable": int(reliable.sum()),
-                                    "rejected": {reason: int(np.sum(tie_points.status == reason))
-                                                 for reason in ("no data", "low correlation", "shift too large")},
-                                    "inliers": refit.n_inliers, "used": refit.success, "reason": refit.reason,
-                                    "correction": correction_model(refit.H) if refit.success else None}
+            chance_share = GRID_MIN_SHARE if base is prior else 0.0
+            refined = run.refined_fit(tiles, base, points, scores, chance_share)
+            refit, tie_points = refined.correction, refined.tie_points
+            report["refinement"] = {"windows_at": windows_at, **refined.summary, "passes": 1}
             if refit.success:
-                keep = np.flatnonzero(reliable)[refit.inliers]
-                tie_points.status[np.flatnonzero(reliable)[~refit.inliers]] = "outlier"
-                support0, support1 = tie_points.pts0[keep], tie_points.pts1[keep]
-                H, model = pipeline.estimator.simplest(support0, support1, base @ refit.H)
+                # Again with image1 placed by the refined fit: its windows then lie on image0's to a fraction of a
+                # pixel in shape too (scale, rotation, perspective), not only in position, so their correlation
+                # peaks are sharper and less biased.
+                for _ in range(settings.refine_passes - 1):
+                    again = run.refined_fit(tiles, refined.H, points, scores, chance_share=0.0)
+                    if not again.correction.success:
+                        break
+                    refined = again
+                    report["refinement"].update(refined.summary, passes=report["refinement"]["passes"] + 1)
+                tie_points, (support0, support1), H = refined.tie_points, refined.support, refined.H
                 used = "refined tie points"
-                report["refinement"]["model"] = correction_model(refit.H) if model == "homography" else model
+                report["refinement"]["model"] = refined.model
                 break
             log.warning("refinement on windows at %s not used: %s", windows_at, refit.reason)
             refusals.append(f"windows at {windows_at}: {refit.reason}")

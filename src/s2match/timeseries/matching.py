@@ -47,9 +47,8 @@ def _jacobian(H: np.ndarray, pts: np.ndarray) -> np.ndarray:
 
 
 def fitted_model(registration: Registration) -> str:
-    """The model of the last fit: the one chosen on the refined tie points (a shift, an affine map, or the
-    matcher's homography with an affine or a homography correction, whose free entries are an affine map's or a
-    homography's), else the matcher's homography."""
+    """The model of the last fit: the one chosen on the refined tie points (a shift, an affine map or a homography),
+    else the matcher's homography."""
     if registration.report.get("fitted_on") == "refined tie points":
         return registration.report["refinement"]["model"]
     return "homography"

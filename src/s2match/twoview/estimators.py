@@ -33,8 +33,6 @@ MIN_SAMPLE = 4
 MIN_AREA_SCALE = 1e-4
 MAX_AREA_SCALE = 1e4
 
-# fit_correction: a homography instead of an affine correction only when it divides the squared residuals by this.
-PERSPECTIVE_GAIN = 2.0
 # simplest: a homography's further parameters are kept only when they explain the residuals at this significance
 # (F-test of nested least-squares fits): what chance alone would explain is left to the simpler model...
 SIMPLER_MODEL_SIGNIFICANCE = 0.01
@@ -123,45 +121,27 @@ class RobustEstimator:
             return failure(len(pts0), "no homography found (degenerate configuration, e.g. collinear points)")
         return self._checked(np.asarray(H, np.float64), mask.ravel().astype(bool), pts0)
 
-    def fit_correction(self, pts0, pts1, threshold: float | None = None) -> FitResult:
-        """The correction pts1 ~ C(pts0) of a fit by refined tie points, both in one frame: affine (robust), or a
-        homography on the affine's inliers where perspective explains most of what the affine leaves (it cuts the
-        sum of squared residuals by PERSPECTIVE_GAIN). Six parameters stay stable on few, clustered tie points of
-        two seasons, whose residuals are local change, not perspective (a homography gains little there and
-        extrapolates that change to the corners); eight take out what a biased first fit left on one date, where
-        the homography gains far more."""
-        affine = self.fit_affine(pts0, pts1, threshold)
-        if not affine.success:
-            return affine
-        pts0, pts1 = _pair(pts0, pts1)
-        support0, support1 = pts0[affine.inliers], pts1[affine.inliers]
-        H, _ = cv2.findHomography(support0, support1, 0)
-        if H is None:
-            return affine
-        affine_squares, homography_squares = (np.sum(residuals(C, support0, support1) ** 2) for C in (affine.H, H))
-        if affine_squares > PERSPECTIVE_GAIN * homography_squares:
-            return self._checked(np.asarray(H, np.float64), affine.inliers, pts0)
-        return affine
-
     @staticmethod
-    def simplest(pts0, pts1, H: np.ndarray) -> tuple[np.ndarray, str]:
-        """The simplest transform that explains inlier correspondences pts1 ~ H(pts0) as well as a homography: a
-        shift, else an affine map (least squares), unless a homography's further parameters are significant (F-test
-        of the nested least-squares fits at SIMPLER_MODEL_SIGNIFICANCE) and move some tie point by more than
-        SIMPLER_MODEL_TOLERANCE_PX. Returns the transform and 'shift', 'affine' or 'homography' (H itself). Two
-        dates of one Sentinel-2 grid differ by a shift, and two parameters are known far better than eight from the
-        same few, noisy tie points of two seasons (the corners are where the other parameters' noise shows)."""
+    def simplest(pts0, pts1) -> tuple[np.ndarray, str]:
+        """The simplest transform that explains inlier correspondences pts1 ~ T(pts0) as well as a homography, fitted
+        by least squares: a shift, else an affine map, unless a homography's further parameters are significant
+        (F-test of the nested fits at SIMPLER_MODEL_SIGNIFICANCE) and move some tie point by more than
+        SIMPLER_MODEL_TOLERANCE_PX. Returns the transform and 'shift', 'affine' or 'homography'. Two dates of one
+        Sentinel-2 grid differ by a shift, and two parameters are known far better than eight from the same few,
+        noisy tie points of two seasons (the corners are where the other parameters' noise shows). The
+        correspondences are inliers already (a robust fit chose them), so least squares uses every one of them."""
         pts0, pts1 = _pair(pts0, pts1)
-        free = 2 * len(pts0) - 8
-        least_squares, _ = cv2.findHomography(pts0, pts1, 0)
-        if free <= 0 or least_squares is None:
-            return H, "homography"
-        full_squares = float(np.sum(residuals(least_squares, pts0, pts1) ** 2))
         design = np.c_[pts0, np.ones(len(pts0))]
         affine = np.vstack([np.linalg.lstsq(design, pts1, rcond=None)[0].T, [0.0, 0.0, 1.0]])
         shift = np.eye(3)
         shift[:2, 2] = np.mean(pts1 - pts0, axis=0)
-        fitted = warp_points(least_squares, pts0)
+        free = 2 * len(pts0) - 8
+        homography, _ = cv2.findHomography(pts0, pts1, 0)
+        if free <= 0 or homography is None or degeneracy(homography, pts0):
+            return affine, "affine"  # too few or degenerate points for eight parameters
+        homography = np.asarray(homography, np.float64)
+        full_squares = float(np.sum(residuals(homography, pts0, pts1) ** 2))
+        fitted = warp_points(homography, pts0)
         for name, simple, parameters in (("shift", shift, 2), ("affine", affine, 6)):
             squares = float(np.sum(residuals(simple, pts0, pts1) ** 2))
             f_statistic = (squares - full_squares) / (8 - parameters) / max(full_squares / free, 1e-300)
@@ -169,7 +149,7 @@ class RobustEstimator:
             if (f_statistic < f_distribution.ppf(1 - SIMPLER_MODEL_SIGNIFICANCE, 8 - parameters, free)
                     or difference <= SIMPLER_MODEL_TOLERANCE_PX):
                 return simple, name
-        return H, "homography"
+        return homography, "homography"
 
     def fit_affine(self, pts0, pts1, threshold: float | None = None) -> FitResult:
         """Robust affine fit pts1 ~ A(pts0) (RANSAC, then Levenberg-Marquardt on the inliers) as a 3x3 matrix, with
