@@ -46,7 +46,7 @@ from s2match.geo.homography import residuals, warp_image, warp_points
 from s2match.inference.scenes import Box, Scene, box_to_pixels
 from s2match.twoview.estimators import FitResult, failure
 from s2match.twoview.pipeline import Timings, TwoViewPipeline, ViewMatches, grey, normalise, view_size
-from s2match.twoview.refinement import STATUS_DTYPE
+from s2match.twoview.refinement import REASONS, STATUS_DTYPE
 
 log = logging.getLogger(__name__)
 
@@ -312,9 +312,14 @@ class _Refined:
     tie_points: TiePoints
     correction: FitResult
     summary: dict
-    support: tuple[np.ndarray, np.ndarray] = (np.zeros((0, 2)), np.zeros((0, 2)))
     H: np.ndarray | None = None
     model: str = ""
+
+    @property
+    def support(self) -> tuple[np.ndarray, np.ndarray]:
+        """The tie points H was fitted to: those still "ok" (reliable, and inliers of the correction)."""
+        kept = self.tie_points.status == "ok"
+        return self.tie_points.pts0[kept], self.tie_points.pts1[kept]
 
 
 class _Registrar:
@@ -446,15 +451,14 @@ class _Registrar:
                                  f"(fewer than {chance_share:.0%}: chance correlations of smooth ground)")
         summary = {"windows": int(len(tie_points.status)), "reliable": int(reliable.sum()),
                    "rejected": {reason: int(np.sum(tie_points.status == reason))
-                                for reason in ("no data", "low correlation", "shift too large")},
+                                for reason in REASONS if reason != "ok"},
                    "inliers": correction.n_inliers, "used": correction.success, "reason": correction.reason}
         if not correction.success:
             return _Refined(tie_points, correction, summary)
         tie_points.status[np.flatnonzero(reliable)[~correction.inliers]] = "outlier"
-        keep = np.flatnonzero(reliable)[correction.inliers]
-        support = tie_points.pts0[keep], tie_points.pts1[keep]
-        H, model = self.pipeline.estimator.simplest(*support)
-        return _Refined(tie_points, correction, summary, support, H, model)
+        refined = _Refined(tie_points, correction, summary)
+        refined.H, refined.model = self.pipeline.estimator.simplest(*refined.support)
+        return refined
 
 
 def window_grid(box: Box, spacing: float) -> np.ndarray:
