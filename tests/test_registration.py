@@ -126,6 +126,39 @@ def test_the_final_transform_owes_nothing_to_the_fit_that_placed_the_windows(cro
     assert again.correction.success and np.linalg.norm(corner_offsets(again.H, H_true), axis=1).mean() <= 0.05
 
 
+@pytest.mark.parametrize(("overrides", "box0", "tries"), [
+    ([], (0, 0, 512, 512), [(320, False), (1024, False), (1024, True)]),  # quick, whole, second pass on the rectified
+    ([], (0, 0, 10980, 10980), [(1024, True)]),  # a whole scene: the second pass, once
+    (["registration.second_pass=true"], (0, 0, 512, 512), [(1024, True)]),
+    (["registration.second_pass=false"], (0, 0, 512, 512), [(320, False), (1024, False)]),
+    (["registration.quick_scale=null"], (0, 0, 512, 512), [(1024, False), (1024, True)]),
+    (["registration.refine=false"], (0, 0, 512, 512), [(1024, False)]),  # nothing could confirm a quick fit
+    ([], (0, 0, 1200, 900), [(640, False), (1024, False), (1024, True)]),  # quick_scale of the 1024 px overview
+])
+def test_registration_tries_cheap_before_dear(overrides, box0, tries):
+    assert RegistrationSettings.from_config(compose_config(overrides).registration).attempts(box0) == tries
+
+
+@pytest.mark.parametrize(("pair", "second_pass"), [
+    # at 320 px the rotated, rescaled pair gives the coarse fit too few matches: the full-resolution try confirms
+    ("t33uuu-crop_r02560_c01536_t33uuu-20160529_t33uuu-20160608", False),
+    # snow against summer, rotated 21 degrees: no whole-image fit correlates; the second pass on the rectified pair
+    ("ua-T35UNQ_r01536_c00000_ua-T35UNQ-summer_ua-T35UNQ-winter", True),
+])
+def test_a_try_area_correlation_does_not_confirm_leads_to_the_next(stages, pair, second_pass):
+    pairs = stages["pairs"]
+    row = pairs[pairs["pair_id"] == pair].iloc[0].to_dict()
+    scene0, scene1, H_gt = pair_scenes(row)
+    pipeline, settings = pipeline_for(EXTRACTORS["aliked"])
+    registration = register(scene0, scene1, pipeline, settings)
+    tries = registration.report["attempts"]
+    assert [t["confirmed"] for t in tries] == [False] * (len(tries) - 1) + [True], tries
+    assert len(tries) > 1 and tries[0]["overview_px"] == 320
+    assert (tries[-1]["overview_px"], tries[-1]["second_pass"]) == (SIZE, second_pass), tries
+    assert registration.report["fitted_on"] == "refined tie points"
+    assert mean_corner_error(registration.H, H_gt, int(row["width"]), int(row["height"])) <= 1.0
+
+
 @pytest.mark.parametrize("degrees", [37.0, 90.0, 180.0, 270.0])
 def test_any_orientation_registers_without_a_georeference(crop, degrees):
     pipeline, settings = pipeline_for(EXTRACTORS["aliked"])

@@ -9,7 +9,7 @@ co-registration all call `register`, so what the evaluation measures is what use
    by the two-view pipeline and robustly fitted. When that fit is weak, image1 is also tried with its contrast
    inverted (snow-covered fields can turn dark against their hedges) and, without a prior to fix the
    orientation, at the other right angles; the candidate with most inliers is kept.
-3. Second pass (`second_pass`; `auto`: only where the coarse overview is coarser than the image): up to
+3. Second pass (`second_pass`; `auto`: where the coarse overview is coarser than the image): up to
    `max_tiles` full-resolution tiles of image0 (spread over the overlap, most coarse inliers then most texture);
    for each, image1 is resampled into the tile's frame by the coarse transform (only the window it needs is
    read), so the matcher sees two nearly aligned views at equal scale and orientation; matches go back to
@@ -24,6 +24,11 @@ co-registration all call `register`, so what the evaluation measures is what use
    two georeferenced scenes get windows on a regular grid over the overlap instead, placed by the georeference, as
    AROSICS places its windows. Where the coarse match failed and the fine tiles followed the georeference, a fit
    of their matches that area correlation does not confirm is no registration.
+
+Steps 2-4 are tried in turn (RegistrationSettings.attempts) until area correlation confirms a fit: an image the
+coarse overview holds whole is matched first at `quick_scale` of its resolution (half the time: the refinement
+brings the fit to full resolution), then at full resolution, then (second_pass=auto) with the second pass on the
+pair rectified by that fit. Whole scenes are tried once. The report's `attempts` lists the tries.
 
 Pixel convention (OpenCV): (x, y), (0, 0) the centre of the top-left pixel; boxes (x0, y0, x1, y1) in pixel edges.
 """
@@ -43,7 +48,7 @@ from tqdm import tqdm
 
 from s2match.geo.georef import frame_corners, map_shift_metres, overlap_box, prior_homography
 from s2match.geo.homography import residuals, warp_image, warp_points
-from s2match.inference.scenes import Box, Scene, box_to_pixels
+from s2match.inference.scenes import Box, Scene, box_to_pixels, overview_factor
 from s2match.twoview.estimators import FitResult, failure
 from s2match.twoview.pipeline import Timings, TwoViewPipeline, ViewMatches, grey, normalise, view_size
 from s2match.twoview.refinement import REASONS, STATUS_DTYPE
@@ -71,7 +76,7 @@ class RegistrationSettings:
     """conf/registration/: see the module docstring. `search_accept`: inliers of the upright, same-contrast coarse
     fit above which no other orientation (`search_orientation`) or contrast (`search_contrast`) is tried;
     `refined_threshold`: inlier threshold (px) of the correction fitted to the refined tie points; `refine_passes`:
-    refinements in a row, each with image1 placed by the fit of the one before."""
+    refinements in a row, each with image1 placed by the fit of the one before; `quick_scale`: see `attempts`."""
 
     coarse_size: int
     tile_size: int
@@ -86,6 +91,7 @@ class RegistrationSettings:
     search_accept: int
     refined_threshold: float
     refine_passes: int
+    quick_scale: float | None
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> RegistrationSettings:
@@ -93,11 +99,28 @@ class RegistrationSettings:
             raise ValueError(f"registration.second_pass={cfg['second_pass']}: expected true, false or auto")
         if int(cfg["refine_passes"]) < 1:
             raise ValueError(f"registration.refine_passes={cfg['refine_passes']}: expected 1 or more")
+        quick = cfg["quick_scale"]
+        if quick is not None and not (isinstance(quick, int | float) and not isinstance(quick, bool) and 0 < quick < 1):
+            raise ValueError(f"registration.quick_scale={cfg['quick_scale']}: expected a number in (0, 1) or null")
         return cls(**{name: cfg[name] for name in cls.__dataclass_fields__})
 
-    def runs_second_pass(self, coarse_scale: float) -> bool:
-        """Whether to match again per tile, given the image0 px per coarse overview px."""
-        return self.second_pass is True or (self.second_pass == "auto" and coarse_scale > AUTO_SECOND_PASS_SCALE)
+    def attempts(self, box0: Box) -> list[tuple[int, bool]]:
+        """The tries of a registration of the overlap `box0`, in turn until area correlation confirms one (the
+        refinement's fit is used): (overview px, second pass) each. With the refinement on, an overlap the coarse
+        overview holds about whole (no second pass) is first matched at `quick_scale` of its resolution: at about
+        half the cost, and the refinement brings that fit to full resolution. Then at `coarse_size`; with
+        second_pass=auto, whole scenes (an overview coarser than the image) get the second pass, and a smaller
+        image gets it too as the last try, with image1 rectified by the whole-image fit."""
+        second = self.second_pass is True or (self.second_pass == "auto"
+                                              and overview_factor(box0, self.coarse_size) > AUTO_SECOND_PASS_SCALE)
+        tries = [(self.coarse_size, second)]
+        if self.refine and not second:
+            if self.quick_scale is not None:
+                longest_side = max(box0[2] - box0[0], box0[3] - box0[1]) / overview_factor(box0, self.coarse_size)
+                tries.insert(0, (max(1, round(self.quick_scale * longest_side)), False))
+            if self.second_pass == "auto":
+                tries.append((self.coarse_size, True))
+        return tries
 
 
 @dataclass
@@ -351,10 +374,10 @@ class _Registrar:
         with self.timings.phase("fit_s"):
             return self.pipeline.estimator.fit_affine(pts0, pts1, threshold)
 
-    def coarse(self, box0: Box, prior: np.ndarray | None) -> _Coarse:
-        """Match image0's `box0` and image1 at ~coarse_size px; see the module docstring."""
+    def coarse(self, box0: Box, prior: np.ndarray | None, overview_size: int) -> _Coarse:
+        """Match image0's `box0` and image1 at ~overview_size px; see the module docstring."""
         settings, estimator = self.settings, self.pipeline.estimator
-        view0, to_image0 = self.image0.overview(box0, settings.coarse_size)
+        view0, to_image0 = self.image0.overview(box0, overview_size)
         out_size = view_size(view0)
         key0 = self.view_key(0, box0, view0)
         feats0 = self.features(key0, view0)
@@ -366,7 +389,7 @@ class _Registrar:
                                estimator.threshold, ViewOfImage1(None, False))
             candidates = [(ViewOfImage1(None, inverted), *guided) for inverted in polarities]
         else:
-            overview1, overview_to_image1 = self.image1.overview((0, 0, *self.image1.size), settings.coarse_size)
+            overview1, overview_to_image1 = self.image1.overview((0, 0, *self.image1.size), overview_size)
             turns = QUARTER_TURNS if settings.search_orientation else (0,)
             candidates = [(ViewOfImage1(k, inverted), *_turned_with_map(overview1, overview_to_image1, k))
                           for k in turns for inverted in polarities]
@@ -482,36 +505,33 @@ def residual_stats(errors: np.ndarray) -> dict[str, float]:
             "max": float(errors.max())}
 
 
-def register(image0: Scene, image1: Scene, pipeline: TwoViewPipeline, settings: RegistrationSettings,
-             cache: FeatureCache | None = None) -> Registration:
-    """Register image1 onto image0 (see the module docstring). Never raises for images that do not match: the
-    report then has `success` false and a `reason`."""
-    run = _Registrar(image0, image1, pipeline, settings, cache)
-    start = time.perf_counter()
-    report: dict = {"success": False, "reason": "", "images": [image0.describe(), image1.describe()]}
-    tie_points, tiles = TiePoints(), []
+@dataclass
+class _Attempt:
+    """One try of the coarse-to-fine registration (RegistrationSettings.attempts): its matches, their fit, the final
+    H (None: none) and what it was fitted on, the refined tie points and the tiles."""
 
-    def finished(matches: ViewMatches, inliers: np.ndarray, H: np.ndarray | None) -> Registration:
-        timings = {**dict(run.timings), "total_s": time.perf_counter() - start + run.timings.get("reused_s", 0.0)}
-        report["timings"] = timings
-        return Registration(report, matches, inliers, H, tie_points, tiles, timings)
+    matches: ViewMatches
+    fit: FitResult
+    H: np.ndarray | None = None
+    used: str = "matches"
+    tie_points: TiePoints = field(default_factory=TiePoints)
+    tiles: list[Box] = field(default_factory=list)
+    support: tuple[np.ndarray, np.ndarray] | None = None
 
-    prior = None
-    if image0.grid.georeferenced and image1.grid.georeferenced:
-        fitted = prior_homography(image0.grid, image1.grid)
-        prior = fitted.H
-        report["prior"] = {"homography": prior.tolist(), "max_error_px": fitted.max_error_px}
-        box0 = overlap_box(prior, image0.size, image1.size)
-        if box0 is None:
-            report["reason"] = "the two images do not overlap (by their georeference)"
-            return finished(ViewMatches(), np.zeros(0, bool), None)
-    else:
-        box0 = (0, 0, *image0.size)
-    report["overlap_box0"] = list(box0)
+    @property
+    def confirmed(self) -> bool:
+        """Whether area correlation confirmed the fit (the final H rests on refined tie points)."""
+        return self.used == "refined tie points"
 
+
+def _attempt(run: _Registrar, box0: Box, prior: np.ndarray | None, overview_size: int, second_pass: bool,
+             report: dict) -> _Attempt:
+    """Steps 2-4 of the module docstring with the overviews at `overview_size` px; fills `report`."""
+    settings, pipeline, image1 = run.settings, run.pipeline, run.image1
     with run.timings.phase("coarse_s"):
-        coarse = run.coarse(box0, prior)
-    report["coarse"] = {"matches": len(coarse.matches.pts0), "inliers": coarse.fit.n_inliers,
+        coarse = run.coarse(box0, prior, overview_size)
+    report["coarse"] = {"overview_px": max(view_size(coarse.overview0)), "matches": len(coarse.matches.pts0),
+                        "inliers": coarse.fit.n_inliers,
                         "success": coarse.fit.success, "reason": coarse.fit.reason,
                         "homography": coarse.fit.H.tolist() if coarse.fit.success else None,
                         "quarter_turns": coarse.how.quarter_turns, "contrast_inverted": coarse.how.inverted}
@@ -522,17 +542,16 @@ def register(image0: Scene, image1: Scene, pipeline: TwoViewPipeline, settings: 
         guide = prior
     else:
         report["reason"] = f"no reliable transform: coarse matching failed ({coarse.fit.reason})"
-        return finished(coarse.matches, np.zeros(len(coarse.matches.pts0), bool), None)
+        return _Attempt(coarse.matches, coarse.fit)
 
     candidates = candidate_tiles(box0, settings.tile_size)
     scores = tile_scores(candidates, coarse.overview0, box0, guide, image1.size, coarse.matches.pts0[coarse.fit.inliers])
     tiles = [candidates[i] for i in select_tiles(candidates, scores, box0, settings.max_tiles, settings.min_valid)]
     report["tiles"] = {"candidates": len(candidates), "used": len(tiles)}
-    # image0 pixels per coarse overview pixel: the guide's accuracy is a few of them
-    coarse_scale = max(1.0, (box0[2] - box0[0]) / coarse.overview0.shape[2])
-    report["second_pass"] = settings.runs_second_pass(coarse_scale)
-    if report["second_pass"]:
-        radius = settings.guide_tolerance * coarse_scale
+    report["second_pass"] = second_pass
+    if second_pass:
+        # image0 pixels per coarse overview pixel: the guide's accuracy is a few of them
+        radius = settings.guide_tolerance * max(1.0, (box0[2] - box0[0]) / coarse.overview0.shape[2])
         with run.timings.phase("fine_s"):
             matches, per_tile = run.second_pass(tiles, guide, radius, coarse.how.inverted)
         report["tiles"].update(guide_radius_px=radius, per_tile=per_tile)
@@ -541,70 +560,115 @@ def register(image0: Scene, image1: Scene, pipeline: TwoViewPipeline, settings: 
         matches, fit = coarse.matches, coarse.fit
     report["matcher"] = {"matches": len(matches.pts0), "inliers": fit.n_inliers, "success": fit.success,
                          "reason": fit.reason, "layers": matches.layers}
-    H, used = fit.H, "matches"
-    if settings.refine:
-        # Windows around the matcher's inliers, placed by its fit. Where the matcher ties too few points (clouds,
-        # snow, coarse overviews), or its tie points do not correlate under its fit, the georeference still places
-        # image1 to a few px: windows on a regular grid over the overlap, as AROSICS places them, then measure the
-        # shift without any match. Never the coarse fit: one the second pass could not confirm may be wrong, and
-        # smooth windows can correlate under a wrong placement.
-        attempts = [("the matcher's inliers", fit.H, matches.pts0[fit.inliers], matches.scores[fit.inliers])
-                    ] if fit.success else []
-        if settings.grid_windows and prior is not None:
-            grid = window_grid(box0, pipeline.refiner.window / 2)
-            attempts.append(("a grid over the overlap placed by the georeference", prior, grid, np.zeros(len(grid))))
-        refusals = []
-        for windows_at, base, points, scores in attempts:
-            chance_share = GRID_MIN_SHARE if base is prior else 0.0
-            refined = run.refined_fit(tiles, base, points, scores, chance_share)
-            refit, tie_points = refined.correction, refined.tie_points
-            report["refinement"] = {"windows_at": windows_at, **refined.summary, "passes": 1}
-            if refit.success:
-                # Again with image1 placed by the refined fit: its windows then lie on image0's to a fraction of a
-                # pixel in shape too (scale, rotation, perspective), not only in position, so their correlation
-                # peaks are sharper and less biased.
-                for _ in range(settings.refine_passes - 1):
-                    again = run.refined_fit(tiles, refined.H, points, scores, chance_share=0.0)
-                    if not again.correction.success:
-                        break
-                    refined = again
-                    report["refinement"].update(refined.summary, passes=report["refinement"]["passes"] + 1)
-                tie_points, (support0, support1), H = refined.tie_points, refined.support, refined.H
-                used = "refined tie points"
-                report["refinement"]["model"] = refined.model
-                break
-            log.warning("refinement on windows at %s not used: %s", windows_at, refit.reason)
-            refusals.append(f"windows at {windows_at}: {refit.reason}")
-        if used == "matches" and fit.success and guide is prior:
-            # The fine tiles were matched only near where the georeference puts them (the coarse match failed), so
-            # matches there fit whatever the georeference says; unless area correlation confirms that fit, it may be
-            # tens of px off (64 px on the whole-tile seasons pair, content moved off its georeference).
-            H = None
-            report["reason"] = (f"no reliable transform: the matcher's fit ({fit.n_inliers} inliers) is not confirmed"
-                                f" by area correlation ({'; '.join(refusals)})")
-        if used == "refined tie points" and base is not fit.H:
-            log.warning("the matcher's transform %s: fitted on %d windows of %s instead",
-                        "was not confirmed by area correlation" if fit.success else f"failed ({fit.reason})",
-                        len(support0), windows_at)
+    result = _Attempt(matches, fit, fit.H, tiles=tiles)
+    if not settings.refine:
+        report["reason"] = "" if fit.success else f"no reliable transform: {fit.reason}"
+        return result
+    # Windows around the matcher's inliers, placed by its fit. Where the matcher ties too few points (clouds,
+    # snow, coarse overviews), or its tie points do not correlate under its fit, the georeference still places
+    # image1 to a few px: windows on a regular grid over the overlap, as AROSICS places them, then measure the
+    # shift without any match. Never the coarse fit: one the second pass could not confirm may be wrong, and
+    # smooth windows can correlate under a wrong placement.
+    attempts = [("the matcher's inliers", fit.H, matches.pts0[fit.inliers], matches.scores[fit.inliers])
+                ] if fit.success else []
+    if settings.grid_windows and prior is not None:
+        grid = window_grid(box0, pipeline.refiner.window / 2)
+        attempts.append(("a grid over the overlap placed by the georeference", prior, grid, np.zeros(len(grid))))
+    refusals = []
+    for windows_at, base, points, scores in attempts:
+        chance_share = GRID_MIN_SHARE if base is prior else 0.0
+        refined = run.refined_fit(tiles, base, points, scores, chance_share)
+        result.tie_points = refined.tie_points
+        report["refinement"] = {"windows_at": windows_at, **refined.summary, "passes": 1}
+        if refined.correction.success:
+            # Again with image1 placed by the refined fit: its windows then lie on image0's to a fraction of a
+            # pixel in shape too (scale, rotation, perspective), not only in position, so their correlation
+            # peaks are sharper and less biased.
+            for _ in range(settings.refine_passes - 1):
+                again = run.refined_fit(tiles, refined.H, points, scores, chance_share=0.0)
+                if not again.correction.success:
+                    break
+                refined = again
+                report["refinement"].update(refined.summary, passes=report["refinement"]["passes"] + 1)
+            result.tie_points, result.support, result.H = refined.tie_points, refined.support, refined.H
+            result.used = "refined tie points"
+            report["refinement"]["model"] = refined.model
+            if base is not fit.H:
+                log.warning("the matcher's transform %s: fitted on %d windows of %s instead",
+                            "was not confirmed by area correlation" if fit.success else f"failed ({fit.reason})",
+                            len(result.support[0]), windows_at)
+            report["reason"] = ""
+            return result
+        log.warning("refinement on windows at %s not used: %s", windows_at, refined.correction.reason)
+        refusals.append(f"windows at {windows_at}: {refined.correction.reason}")
+    if fit.success and guide is prior:
+        # The fine tiles were matched only near where the georeference puts them (the coarse match failed), so
+        # matches there fit whatever the georeference says; unless area correlation confirms that fit, it may be
+        # tens of px off (64 px on the whole-tile seasons pair, content moved off its georeference).
+        result.H = None
+        report["reason"] = (f"no reliable transform: the matcher's fit ({fit.n_inliers} inliers) is not confirmed"
+                            f" by area correlation ({'; '.join(refusals)})")
+    elif not fit.success:
+        windows = f"; windows on a grid: {report['refinement']['reason']}" if "refinement" in report else ""
+        report["reason"] = f"no reliable transform: {fit.reason}{windows}"
+    else:
+        report["reason"] = ""
+    return result
+
+
+def register(image0: Scene, image1: Scene, pipeline: TwoViewPipeline, settings: RegistrationSettings,
+             cache: FeatureCache | None = None) -> Registration:
+    """Register image1 onto image0 (see the module docstring). Never raises for images that do not match: the
+    report then has `success` false and a `reason`."""
+    run = _Registrar(image0, image1, pipeline, settings, cache)
+    start = time.perf_counter()
+    report: dict = {"success": False, "reason": "", "images": [image0.describe(), image1.describe()]}
+
+    def finished(result: _Attempt) -> Registration:
+        timings = {**dict(run.timings), "total_s": time.perf_counter() - start + run.timings.get("reused_s", 0.0)}
+        report["timings"] = timings
+        inliers = result.fit.inliers if result.fit.success else np.zeros(len(result.matches.pts0), bool)
+        return Registration(report, result.matches, inliers, result.H, result.tie_points, result.tiles, timings)
+
+    prior = None
+    if image0.grid.georeferenced and image1.grid.georeferenced:
+        fitted = prior_homography(image0.grid, image1.grid)
+        prior = fitted.H
+        report["prior"] = {"homography": prior.tolist(), "max_error_px": fitted.max_error_px}
+        box0 = overlap_box(prior, image0.size, image1.size)
+        if box0 is None:
+            report["reason"] = "the two images do not overlap (by their georeference)"
+            return finished(_Attempt(ViewMatches(), failure(0, report["reason"])))
+    else:
+        box0 = (0, 0, *image0.size)
+    report["overlap_box0"] = list(box0)
+
+    report["attempts"] = []
+    for overview_size, second_pass in settings.attempts(box0):
+        attempt_report: dict = {}
+        result = _attempt(run, box0, prior, overview_size, second_pass, attempt_report)
+        report["attempts"].append({"overview_px": attempt_report["coarse"]["overview_px"], "second_pass": second_pass,
+                                   "confirmed": result.confirmed, "reason": attempt_report["reason"]})
+        if result.confirmed:
+            break
+    report.update(attempt_report)
+    H = result.H
     if H is None:
-        if not report.get("reason"):
-            windows = f"; windows on a grid: {report['refinement']['reason']}" if "refinement" in report else ""
-            report["reason"] = f"no reliable transform: {fit.reason}{windows}"
-        return finished(matches, fit.inliers, None)
-    if used == "matches":
-        support0, support1 = matches.pts0[fit.inliers], matches.pts1[fit.inliers]
-    report.update(success=True, homography=H.tolist(), fitted_on=used, inliers=int(len(support0)),
+        return finished(result)
+    matches, fit = result.matches, result.fit
+    support0, support1 = result.support if result.confirmed else (matches.pts0[fit.inliers], matches.pts1[fit.inliers])
+    report.update(success=True, homography=H.tolist(), fitted_on=result.used, inliers=int(len(support0)),
                   matches=len(matches.pts0), residuals_px=residual_stats(residuals(H, support0, support1)))
     if prior is not None:
         centre = np.array([[(box0[0] + box0[2]) / 2 - 0.5, (box0[1] + box0[3]) / 2 - 0.5]])
         report["correction_px_at_centre"] = (warp_points(H, centre) - warp_points(prior, centre))[0].tolist()
         # the robust local estimate of the misregistration: where the tie points are, not where H extrapolates
         offsets = support1 - warp_points(prior, support0)
-        report["shift_px"] = {"source": used, "median": np.median(offsets, axis=0).tolist(),
+        report["shift_px"] = {"source": result.used, "median": np.median(offsets, axis=0).tolist(),
                               "mad": np.median(np.abs(offsets - np.median(offsets, axis=0)), axis=0).tolist()}
         shift = map_shift_metres(image0.grid, image1.grid, support0, support1)
-        report["shift_m"] = {"source": used, "count": int(len(shift)),
+        report["shift_m"] = {"source": result.used, "count": int(len(shift)),
                              "dx_median": float(np.median(shift[:, 0])), "dy_median": float(np.median(shift[:, 1])),
                              "dx_mad": float(np.median(np.abs(shift[:, 0] - np.median(shift[:, 0])))),
                              "dy_mad": float(np.median(np.abs(shift[:, 1] - np.median(shift[:, 1]))))}
-    return finished(matches, fit.inliers, H)
+    return finished(result)

@@ -38,6 +38,13 @@ def box_to_pixels(box: tuple[float, float, float, float], out_size: tuple[int, i
     return np.array([[sx, 0, x0 + 0.5 * sx - 0.5], [0, sy, y0 + 0.5 * sy - 0.5], [0, 0, 1]], dtype=np.float64)
 
 
+def overview_factor(box: Box, longest_side: int) -> float:
+    """Box pixels per overview pixel of Scene.overview(box, longest_side): at most `longest_side` px, never
+    enlarged, never narrower than MIN_OVERVIEW_SIDE px."""
+    width, height = box[2] - box[0], box[3] - box[1]
+    return max(1.0, min(max(width, height) / longest_side, min(width, height) / MIN_OVERVIEW_SIDE))
+
+
 class Scene:
     """An image registration can read: `grid` (crs None without georeference), `read(box, out_size)`."""
 
@@ -56,7 +63,7 @@ class Scene:
         """The box decimated to at most `longest_side` px, and its 3x3 map to full-res pixels. Never enlarged, and
         never narrower than MIN_OVERVIEW_SIDE px: an elongated image (64 x 4000) keeps a width features can use."""
         width, height = box[2] - box[0], box[3] - box[1]
-        factor = max(1.0, min(max(width, height) / longest_side, min(width, height) / MIN_OVERVIEW_SIDE))
+        factor = overview_factor(box, longest_side)
         out_size = (max(1, round(width / factor)), max(1, round(height / factor)))
         return self.read(box, out_size), box_to_pixels(box, out_size)
 
