@@ -127,13 +127,13 @@ def test_the_final_transform_owes_nothing_to_the_fit_that_placed_the_windows(cro
 
 
 @pytest.mark.parametrize(("overrides", "box0", "tries"), [
-    ([], (0, 0, 512, 512), [(320, False), (1024, False), (1024, True)]),  # quick, whole, second pass on the rectified
-    ([], (0, 0, 10980, 10980), [(1024, True)]),  # a whole scene: the second pass, once
-    (["registration.second_pass=true"], (0, 0, 512, 512), [(1024, True)]),
-    (["registration.second_pass=false"], (0, 0, 512, 512), [(320, False), (1024, False)]),
-    (["registration.quick_scale=null"], (0, 0, 512, 512), [(1024, False), (1024, True)]),
-    (["registration.refine=false"], (0, 0, 512, 512), [(1024, False)]),  # nothing could confirm a quick fit
-    ([], (0, 0, 1200, 900), [(640, False), (1024, False), (1024, True)]),  # quick_scale of the 1024 px overview
+    ([], (0, 0, 512, 512), [(320, False, 40), (1024, False, 0), (1024, True, 0)]),  # quick, whole, second pass on the rectified
+    ([], (0, 0, 10980, 10980), [(1024, True, 0)]),  # a whole scene: the second pass, once
+    (["registration.second_pass=true"], (0, 0, 512, 512), [(1024, True, 0)]),
+    (["registration.second_pass=false"], (0, 0, 512, 512), [(320, False, 40), (1024, False, 0)]),
+    (["registration.quick_scale=null"], (0, 0, 512, 512), [(1024, False, 0), (1024, True, 0)]),
+    (["registration.refine=false"], (0, 0, 512, 512), [(1024, False, 0)]),  # nothing could confirm a quick fit
+    ([], (0, 0, 1200, 900), [(640, False, 40), (1024, False, 0), (1024, True, 0)]),  # quick_scale of the 1024 px overview
 ])
 def test_registration_tries_cheap_before_dear(overrides, box0, tries):
     assert RegistrationSettings.from_config(compose_config(overrides).registration).attempts(box0) == tries
@@ -157,6 +157,19 @@ def test_a_try_area_correlation_does_not_confirm_leads_to_the_next(stages, pair,
     assert (tries[-1]["overview_px"], tries[-1]["second_pass"]) == (SIZE, second_pass), tries
     assert registration.report["fitted_on"] == "refined tie points"
     assert mean_corner_error(registration.H, H_gt, int(row["width"]), int(row["height"])) <= 1.0
+
+
+def test_a_quick_fit_on_few_tie_points_gives_way_to_full_resolution():
+    """A hazy early-spring date of T36UYA against the summer reference (real 107 m overviews, one grid): matched at
+    quick_scale, the refinement confirms the fit on fewer tie points than quick_min_tie_points; at full resolution
+    it ties about three times as many, and that fit is the result."""
+    pipeline, settings = pipeline_for(EXTRACTORS["aliked"])
+    scenes = [open_image(T36UYA / f"{date}.tif", "gray", {}, "gray", None) for date in ("20190825", "20160330")]
+    registration = register(*scenes, pipeline, settings)
+    quick, full = registration.report["attempts"]
+    assert quick["confirmed"] and quick["tie_points"] < settings.quick_min_tie_points, quick
+    assert full["confirmed"] and full["tie_points"] >= 2 * quick["tie_points"], full
+    assert registration.report["inliers"] == full["tie_points"]
 
 
 @pytest.mark.parametrize("degrees", [37.0, 90.0, 180.0, 270.0])
