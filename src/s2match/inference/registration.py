@@ -112,10 +112,12 @@ class RegistrationSettings:
         if int(cfg["refine_passes"]) < 1:
             raise ValueError(f"registration.refine_passes={cfg['refine_passes']}: expected 1 or more")
         quick = cfg["quick_scale"]
-        if quick is not None and not (isinstance(quick, int | float) and not isinstance(quick, bool) and 0 < quick < 1):
+        number = isinstance(quick, int | float) and not isinstance(quick, bool)
+        if quick is not None and not (number and 0 < quick < 1):
             raise ValueError(f"registration.quick_scale={cfg['quick_scale']}: expected a number in (0, 1) or null")
-        if not isinstance(cfg["quick_min_tie_points"], int) or cfg["quick_min_tie_points"] < 0:
-            raise ValueError(f"registration.quick_min_tie_points={cfg['quick_min_tie_points']}: expected an integer >= 0")
+        least = cfg["quick_min_tie_points"]
+        if not isinstance(least, int) or isinstance(least, bool) or least < 0:
+            raise ValueError(f"registration.quick_min_tie_points={least}: expected an integer >= 0")
         return cls(**{name: cfg[name] for name in cls.__dataclass_fields__})
 
     def attempts(self, box0: Box) -> list[Try]:
@@ -124,16 +126,16 @@ class RegistrationSettings:
         overview holds about whole (no second pass) is first matched at `quick_scale` of its resolution: at about
         half the cost, and the refinement brings that fit to full resolution; it is kept only on
         `quick_min_tie_points` tie points (thinner support the full resolution widens: 22 against 68 tie points on
-        a winter date of T36UYA). Then at `coarse_size`; with
-        second_pass=auto, whole scenes (an overview coarser than the image) get the second pass, and a smaller
-        image gets it too as the last try, with image1 rectified by the whole-image fit."""
-        second = self.second_pass is True or (self.second_pass == "auto"
-                                              and overview_factor(box0, self.coarse_size) > AUTO_SECOND_PASS_SCALE)
+        a winter date of T36UYA). Then at `coarse_size`; with second_pass=auto, whole scenes (an overview coarser
+        than the image) get the second pass, and a smaller image gets it too as the last try, with image1
+        rectified by the whole-image fit."""
+        factor = overview_factor(box0, self.coarse_size)
+        second = self.second_pass is True or (self.second_pass == "auto" and factor > AUTO_SECOND_PASS_SCALE)
         tries = [Try(self.coarse_size, second)]
         if self.refine and not second:
             if self.quick_scale is not None:
-                longest_side = max(box0[2] - box0[0], box0[3] - box0[1]) / overview_factor(box0, self.coarse_size)
-                tries.insert(0, Try(max(1, round(self.quick_scale * longest_side)), False, self.quick_min_tie_points))
+                quick_px = max(1, round(self.quick_scale * max(box0[2] - box0[0], box0[3] - box0[1]) / factor))
+                tries.insert(0, Try(quick_px, False, self.quick_min_tie_points))
             if self.second_pass == "auto":
                 tries.append(Try(self.coarse_size, True))
         return tries
@@ -147,6 +149,12 @@ class TiePoints:
     pts1: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
     quality: np.ndarray = field(default_factory=lambda: np.zeros(0))
     status: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=STATUS_DTYPE))
+
+    @property
+    def support(self) -> tuple[np.ndarray, np.ndarray]:
+        """The tie points still "ok" (reliable, and not rejected as outliers of a fit): what a fit rests on."""
+        kept = self.status == "ok"
+        return self.pts0[kept], self.pts1[kept]
 
     @staticmethod
     def concat(parts: list[TiePoints]) -> TiePoints:
@@ -354,12 +362,6 @@ class _Refined:
     H: np.ndarray | None = None
     model: str = ""
 
-    @property
-    def support(self) -> tuple[np.ndarray, np.ndarray]:
-        """The tie points H was fitted to: those still "ok" (reliable, and inliers of the correction)."""
-        kept = self.tie_points.status == "ok"
-        return self.tie_points.pts0[kept], self.tie_points.pts1[kept]
-
 
 class _Registrar:
     """One registration: the two scenes, the pipeline, the settings, the timings and the feature cache."""
@@ -495,9 +497,7 @@ class _Registrar:
         if not correction.success:
             return _Refined(tie_points, correction, summary)
         tie_points.status[np.flatnonzero(reliable)[~correction.inliers]] = "outlier"
-        refined = _Refined(tie_points, correction, summary)
-        refined.H, refined.model = self.pipeline.estimator.simplest(*refined.support)
-        return refined
+        return _Refined(tie_points, correction, summary, *self.pipeline.estimator.simplest(*tie_points.support))
 
 
 def window_grid(box: Box, spacing: float) -> np.ndarray:
@@ -532,12 +532,18 @@ class _Attempt:
     used: str = "matches"
     tie_points: TiePoints = field(default_factory=TiePoints)
     tiles: list[Box] = field(default_factory=list)
-    support: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def confirmed(self) -> bool:
         """Whether area correlation confirmed the fit (the final H rests on refined tie points)."""
         return self.used == "refined tie points"
+
+    @property
+    def support(self) -> tuple[np.ndarray, np.ndarray]:
+        """The correspondences H rests on: the refined tie points kept, else the matcher's inliers."""
+        if self.confirmed:
+            return self.tie_points.support
+        return self.matches.pts0[self.fit.inliers], self.matches.pts1[self.fit.inliers]
 
 
 def _attempt(run: _Registrar, box0: Box, prior: np.ndarray | None, overview_size: int, second_pass: bool,
@@ -606,7 +612,7 @@ def _attempt(run: _Registrar, box0: Box, prior: np.ndarray | None, overview_size
                     break
                 refined = again
                 report["refinement"].update(refined.summary, passes=report["refinement"]["passes"] + 1)
-            result.tie_points, result.support, result.H = refined.tie_points, refined.support, refined.H
+            result.tie_points, result.H = refined.tie_points, refined.H
             result.used = "refined tie points"
             report["refinement"]["model"] = refined.model
             if base is not fit.H:
@@ -660,7 +666,7 @@ def register(image0: Scene, image1: Scene, pipeline: TwoViewPipeline, settings: 
     report["overlap_box0"] = list(box0)
 
     report["attempts"] = []
-    best: tuple[_Attempt, dict] | None = None  # the confirmed try on most tie points
+    best: tuple[_Attempt, dict, int] | None = None  # the confirmed try on most tie points, and their number
     for attempt in settings.attempts(box0):
         attempt_report: dict = {}
         result = _attempt(run, box0, prior, attempt.overview_px, attempt.second_pass, attempt_report)
@@ -668,17 +674,18 @@ def register(image0: Scene, image1: Scene, pipeline: TwoViewPipeline, settings: 
         report["attempts"].append({"overview_px": attempt_report["coarse"]["overview_px"],
                                    "second_pass": attempt.second_pass, "confirmed": result.confirmed,
                                    "tie_points": tie_points, "reason": attempt_report["reason"]})
-        if result.confirmed and (best is None or tie_points > len(best[0].support[0])):
-            best = result, attempt_report
+        if result.confirmed and (best is None or tie_points > best[2]):
+            best = result, attempt_report, tie_points
         if result.confirmed and tie_points >= attempt.min_tie_points:
             break
-    result, attempt_report = best if best is not None else (result, attempt_report)
+    if best is not None:
+        result, attempt_report, _ = best
     report.update(attempt_report)
     H = result.H
     if H is None:
         return finished(result)
     matches, fit = result.matches, result.fit
-    support0, support1 = result.support if result.confirmed else (matches.pts0[fit.inliers], matches.pts1[fit.inliers])
+    support0, support1 = result.support
     report.update(success=True, homography=H.tolist(), fitted_on=result.used, inliers=int(len(support0)),
                   matches=len(matches.pts0), residuals_px=residual_stats(residuals(H, support0, support1)))
     if prior is not None:
